@@ -1,0 +1,106 @@
+"""The application database: reflection, identifier checks, the batched path rewrite.
+
+This is the only module that touches the application database. Table and column names come
+from config and are accepted only if reflection finds them; every value is a bound parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+
+from migrator.config import AppDB as AppDBConfig
+from migrator.errors import PreflightError
+from migrator.ledger.repo import safe_url
+
+_IN_BATCH = 1000
+
+
+class AppDatabase:
+    """One table and column holding object keys, reflected and checked at start."""
+
+    def __init__(self, cfg: AppDBConfig, engine: Engine | None = None) -> None:
+        self.cfg = cfg
+        self.engine = engine or sa.create_engine(
+            cfg.url, pool_pre_ping=True, pool_size=2, max_overflow=4
+        )
+        self.table, self.column = self._reflect()
+
+    def _reflect(self) -> tuple[sa.Table, sa.Column[Any]]:
+        schema, _, name = self.cfg.table.rpartition(".")
+        where = safe_url(self.cfg.url)
+        try:
+            insp = sa.inspect(self.engine)
+            names = insp.get_table_names(schema=schema or None)
+            if name not in names:
+                shown = ", ".join(sorted(names)[:10]) or "none"
+                raise PreflightError(
+                    f"app_db.table {self.cfg.table!r} does not exist in {where} "
+                    f"(tables there: {shown}); fix app_db.table"
+                )
+            table = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=self.engine)
+        except NoSuchTableError:
+            raise PreflightError(
+                f"app_db.table {self.cfg.table!r} does not exist in {where}"
+            ) from None
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            raise PreflightError(f"app database {where} is not reachable: {reason}") from None
+        if self.cfg.column not in table.c:
+            shown = ", ".join(c.name for c in table.c)
+            raise PreflightError(
+                f"app_db.column {self.cfg.column!r} does not exist in table {self.cfg.table!r} "
+                f"(columns: {shown}); fix app_db.column"
+            )
+        column = table.c[self.cfg.column]
+        if not isinstance(column.type, sa.String):
+            raise PreflightError(
+                f"app_db.column {self.cfg.column!r} is {column.type}, not a text column holding "
+                "object keys"
+            )
+        return table, column
+
+    def rewrite(self, pairs: Sequence[tuple[str, str]]) -> int:
+        """Point every row holding an old key at its new key, in one transaction.
+
+        ``WHERE column = old`` makes a replay a no-op. Returns the number of rows changed.
+        """
+        if not pairs:
+            return 0
+        with self.engine.begin() as conn:
+            return self._rewrite(conn, pairs)
+
+    def _rewrite(self, conn: sa.Connection, pairs: Sequence[tuple[str, str]]) -> int:
+        t, col = self.table, self.column
+        if conn.dialect.name == "postgresql":
+            v = sa.values(sa.column("old", sa.Text), sa.column("new", sa.Text), name="v").data(
+                list(pairs)
+            )
+            stmt = t.update().where(col == v.c.old).values({col.name: v.c.new})
+            return conn.execute(stmt).rowcount
+        # SQLite and MySQL: one prepared UPDATE executed for the whole batch (executemany).
+        stmt = (
+            t.update().where(col == sa.bindparam("b_old")).values({col.name: sa.bindparam("b_new")})
+        )
+        result = conn.execute(stmt, [{"b_old": o, "b_new": n} for o, n in pairs])
+        return result.rowcount
+
+    def still_pointing(self, old_keys: Sequence[str]) -> list[str]:
+        """Old keys that some row still holds (the last check before a source is deleted)."""
+        found: list[str] = []
+        with self.engine.connect() as conn:
+            for i in range(0, len(old_keys), _IN_BATCH):
+                batch = list(old_keys[i : i + _IN_BATCH])
+                found.extend(
+                    conn.execute(
+                        sa.select(self.column).where(self.column.in_(batch)).distinct()
+                    ).scalars()
+                )
+        return found
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,249 @@
+"""The ``migrator`` command line: parse, call one function, print."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from botocore.exceptions import BotoCoreError, ClientError
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator import audit as audit_mod
+from migrator import report as report_mod
+from migrator.config import Config, load_config
+from migrator.errors import EXIT_INTERRUPTED, EXIT_USAGE, LedgerError, MigratorError, redact
+from migrator.ledger.repo import Ledger, open_ledger, utcnow
+from migrator.progress import fmt_eta
+from migrator.supervisor import preflight, run_job, run_plan
+
+F = TypeVar("F", bound=Callable[..., Any])
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"error: {redact(message)}", highlight=False, markup=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn our exceptions into one line and an exit code; Ctrl-C into 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MigratorError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            _fail(f"database error: {reason}", 1)
+        except (ClientError, BotoCoreError) as exc:
+            _fail(f"S3 error: {exc}", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_option(fn: F) -> F:
+    return click.option(
+        "--config",
+        "config_path",
+        default="config.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Job configuration file.",
+    )(fn)
+
+
+def _load(config_path: Path) -> Config:
+    return load_config(config_path)
+
+
+def _ledger_for_reading(cfg: Config) -> Ledger:
+    """Open an existing ledger without creating one; the job must be in it."""
+    url = make_url(cfg.ledger)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise LedgerError(
+            f"no ledger at {url.database}; run `migrator plan` or `migrator run` first"
+        )
+    ledger = Ledger(open_ledger(cfg.ledger), cfg.job)
+    if cfg.job not in ledger.list_jobs():
+        raise LedgerError(f"job {cfg.job!r} is not in the ledger; run `migrator plan` first")
+    return ledger
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="migrator")
+def main(verbose: int) -> None:
+    """Move objects from one S3 location to another and rewrite the database that points at
+    them, resumably. Every command reads ./config.yaml unless --config says otherwise.
+
+    \b
+    Examples:
+      migrator plan                    list the source into the ledger
+      migrator run                     copy, verify, rewrite, delete; re-run to resume
+      migrator status --json           progress for scripts
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
+
+
+@main.command()
+@config_option
+@handle_errors
+def plan(config_path: Path) -> None:
+    """List the source prefix into the ledger (idempotent, delta-aware).
+
+    New objects are added, changed ones (ETag differs) go back to pending, finished ones are
+    kept. Example: migrator plan --config config.yaml
+    """
+    cfg = _load(config_path)
+    res = preflight(cfg)
+    try:
+        run_plan(cfg, res, err_console)
+    finally:
+        res.close()
+
+
+@main.command()
+@config_option
+@click.option("--quiet", is_flag=True, help="No progress display, only the final summary.")
+@handle_errors
+def run(config_path: Path, quiet: bool) -> None:
+    """Plan if needed, then copy → verify → rewrite → delete until done.
+
+    Killed or interrupted, the same command continues where it stopped. Exit 0 when every
+    object is done, 1 when some failed, 130 on Ctrl-C. Example: migrator run
+    """
+    cfg = _load(config_path)
+    sys.exit(run_job(cfg, console=err_console, quiet=quiet))
+
+
+def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:
+    counts = ledger.counts()
+    total = sum(counts.values())
+    rate = ledger.finished_since(utcnow() - timedelta(seconds=60)) / 60
+    remaining = total - counts["done"] - counts["failed"]
+    return {
+        "job": cfg.job,
+        "total": total,
+        "counts": counts,
+        "bytes": ledger.bytes_by_state(),
+        "objects_per_second": round(rate, 2),
+        "eta_seconds": round(remaining / rate) if rate > 0 and remaining else None,
+        "recent_errors": ledger.recent_errors(),
+    }
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@handle_errors
+def status(config_path: Path, as_json: bool) -> None:
+    """Counts by state, throughput, ETA and recent errors. Safe while a job runs.
+
+    Example: migrator status --json | jq .counts
+    """
+    cfg = _load(config_path)
+    ledger = _ledger_for_reading(cfg)
+    doc = status_document(cfg, ledger)
+    ledger.engine.dispose()
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    table = Table(title=f"job {cfg.job}", show_footer=True)
+    table.add_column("state", footer="total")
+    table.add_column("objects", justify="right", footer=f"{doc['total']:,}")
+    table.add_column("bytes", justify="right", footer=f"{sum(doc['bytes'].values()):,}")
+    for state, n in doc["counts"].items():
+        table.add_row(state, f"{n:,}", f"{doc['bytes'][state]:,}")
+    out_console.print(table)
+    eta = fmt_eta(doc["eta_seconds"]) if doc["eta_seconds"] is not None else "--"
+    out_console.print(f"throughput (last minute): {doc['objects_per_second']:,} obj/s · ETA {eta}")
+    for e in doc["recent_errors"]:
+        out_console.print(
+            f"  {e['at']}  {e['key']}  [{e['state']}, attempts {e['attempts']}]  {e['error']}",
+            highlight=False,
+            markup=False,
+        )
+
+
+@main.command("retry-failed")
+@config_option
+@handle_errors
+def retry_failed(config_path: Path) -> None:
+    """Put failed rows back to pending (attempts reset); then run again.
+
+    Example: migrator retry-failed && migrator run
+    """
+    cfg = _load(config_path)
+    ledger = _ledger_for_reading(cfg)
+    n = ledger.retry_failed()
+    ledger.engine.dispose()
+    click.echo(f"{n:,} failed objects put back to pending; run `migrator run` to continue")
+
+
+@main.command()
+@config_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output file: .csv or .parquet.",
+)
+@handle_errors
+def report(config_path: Path, out: Path) -> None:
+    """Write one row per object (keys, size, state, attempts, errors, times).
+
+    Example: migrator report --out report.parquet
+    """
+    cfg = _load(config_path)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        _fail(f"--out {out}: use a .csv or .parquet file name", EXIT_USAGE)
+    ledger = _ledger_for_reading(cfg)
+    n = report_mod.write_report(ledger, out)
+    ledger.engine.dispose()
+    click.echo(f"wrote {n:,} rows to {out}")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@handle_errors
+def verify(config_path: Path, as_json: bool) -> None:
+    """Audit: every done object is at the destination with its size and ETag, its source is
+    deleted per policy, and no app row still points at a migrated source key. Exit 1 on any
+    discrepancy. Example: migrator verify --json
+    """
+    cfg = _load(config_path)
+    _ledger_for_reading(cfg).engine.dispose()
+    res = preflight(cfg)
+    try:
+        result = audit_mod.audit(cfg, res)
+    finally:
+        res.close()
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+    else:
+        if result.ok:
+            click.echo(f"verify: OK, {result.checked:,} objects checked, no discrepancy")
+        else:
+            click.echo(f"verify: {sum(result.kinds.values()):,} discrepancies")
+            for kind, n in sorted(result.kinds.items()):
+                click.echo(f"  {kind}: {n:,} (e.g. {', '.join(result.examples[kind][:3])})")
+    sys.exit(0 if result.ok else 1)

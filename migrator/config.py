@@ -1,0 +1,240 @@
+"""config.yaml: pydantic models, loading, environment overrides, one-line error messages."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from migrator.errors import ConfigError
+from migrator.keys import prefixes_overlap
+
+ENV_LEDGER = "MIGRATOR_LEDGER"
+ENV_APP_DB_URL = "MIGRATOR_APP_DB_URL"
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_CREDENTIAL_KEYS = {
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "access_key_id",
+    "secret_access_key",
+    "password",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Location(_Strict):
+    """One side of the move: a bucket, a key prefix and how to reach it."""
+
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, v: str) -> str:
+        if not _BUCKET_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"
+            )
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL, e.g. http://127.0.0.1:9000")
+        return v
+
+
+class AppDB(_Strict):
+    """The application table whose column holds object keys."""
+
+    url: str
+    table: str = Field(min_length=1)
+    column: str = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        _parse_db_url(v, ("sqlite", "postgresql", "mysql", "mariadb"))
+        return v
+
+
+class Config(_Strict):
+    job: str
+    ledger: str = "sqlite:///migrator.db"
+    source: Location
+    destination: Location
+    app_db: AppDB | None = None
+    workers: int = Field(default=4, ge=1, le=64)
+    concurrency: int = Field(default=16, ge=1, le=256)
+    chunk_size: int = Field(default=500, ge=1, le=10_000)
+    delete_source: Literal["after_all", "per_chunk", "never"] = "after_all"
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    lease_seconds: int = Field(default=60, ge=5, le=3600)
+
+    @field_validator("job")
+    @classmethod
+    def _job(cls, v: str) -> str:
+        if not _JOB_RE.match(v):
+            raise ValueError(f"{v!r} must be 1-100 letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, v: str) -> str:
+        _parse_db_url(v, ("sqlite", "postgresql"))
+        return v
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> Config:
+        same_place = (
+            self.source.bucket == self.destination.bucket
+            and self.source.endpoint_url == self.destination.endpoint_url
+        )
+        if same_place and prefixes_overlap(self.source.prefix, self.destination.prefix):
+            raise ValueError(
+                f"destination prefix {self.destination.prefix!r} overlaps source prefix "
+                f"{self.source.prefix!r} in bucket {self.source.bucket!r}; choose prefixes "
+                "where neither contains the other"
+            )
+        return self
+
+    @property
+    def ledger_url(self) -> URL:
+        return make_url(self.ledger)
+
+    def safe_summary(self) -> dict[str, Any]:
+        """What may be shown or stored: no URLs with passwords, no credentials."""
+        return {
+            "job": self.job,
+            "source": f"s3://{self.source.bucket}/{self.source.prefix}",
+            "destination": f"s3://{self.destination.bucket}/{self.destination.prefix}",
+            "delete_source": self.delete_source,
+        }
+
+
+def _parse_db_url(value: str, backends: tuple[str, ...]) -> URL:
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            "is not a database URL; use e.g. sqlite:///migrator.db or "
+            "postgresql+psycopg2://user@host/db"
+        ) from None
+    if url.get_backend_name() not in backends:
+        raise ValueError(
+            f"database {url.get_backend_name()!r} is not supported here; use one of "
+            + ", ".join(backends)
+        )
+    return url
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    if word.lower() in _CREDENTIAL_KEYS:
+        return " (credentials never go in config.yaml: use the AWS credential chain or a profile)"
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        nested = [a for a in inner if issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    """One line per problem: ``config.yaml: workers: Input should be ...``."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            hint = _did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+            msg = f"unknown key{hint}"
+        elif e["type"] == "missing":
+            msg = "is required"
+        lines.append(f"{source}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate; raise ConfigError with clear lines."""
+    env = dict(os.environ) if env is None else env
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"{p}: config file not found; pass --config PATH or create config.yaml (see README)"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys (job, source, destination, ...)")
+    if env.get(ENV_LEDGER):
+        raw["ledger"] = env[ENV_LEDGER]
+    if env.get(ENV_APP_DB_URL):
+        if not isinstance(raw.get("app_db"), dict):
+            raise ConfigError(
+                f"{ENV_APP_DB_URL} is set but {p} has no app_db section (table, column)"
+            )
+        raw["app_db"] = {**raw["app_db"], "url": env[ENV_APP_DB_URL]}
+    raw["ledger"] = _anchor_sqlite(raw.get("ledger", "sqlite:///migrator.db"), p.parent)
+    if isinstance(raw.get("app_db"), dict) and isinstance(raw["app_db"].get("url"), str):
+        raw["app_db"]["url"] = _anchor_sqlite(raw["app_db"]["url"], p.parent)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, str(p))) from None
+
+
+def _anchor_sqlite(value: Any, base: Path) -> Any:
+    """Relative SQLite paths are relative to the config file, not the current directory."""
+    if not isinstance(value, str):
+        return value
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        return value
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return value
+    if Path(url.database).is_absolute():
+        return value
+    return url.set(database=str((base / url.database).resolve())).render_as_string(
+        hide_password=False
+    )

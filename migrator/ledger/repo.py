@@ -1,0 +1,535 @@
+"""Every ledger query lives here. Workers, the CLI and reports call these functions.
+
+Claims take a lease (owner + expiry) in one statement: ``FOR UPDATE SKIP LOCKED`` on Postgres,
+a ``BEGIN IMMEDIATE`` transaction on SQLite (WAL mode). Every state change is conditioned on the
+caller still holding the lease, so a worker whose lease was taken over cannot move a row back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from migrator.errors import LedgerError
+from migrator.ledger.tables import Stage, State, jobs, objects
+
+ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+_PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
+
+O = objects.c  # noqa: E741 - short alias for column access in queries
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class ObjectRow:
+    id: int
+    source_key: str
+    dest_key: str
+    size: int
+    etag: str
+    dest_etag: str | None
+    state: State
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Planned:
+    source_key: str
+    dest_key: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    added: int
+    reset: int
+    unchanged: int
+
+
+_ROW_COLS = (O.id, O.source_key, O.dest_key, O.size, O.etag, O.dest_etag, O.state, O.attempts)
+
+
+def _row(r: Any) -> ObjectRow:
+    return ObjectRow(
+        id=r.id,
+        source_key=r.source_key,
+        dest_key=r.dest_key,
+        size=r.size,
+        etag=r.etag,
+        dest_etag=r.dest_etag,
+        state=State(r.state),
+        attempts=r.attempts,
+    )
+
+
+def safe_url(url: str | URL) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the ledger; SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: sa.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_size=4,
+        max_overflow=8,
+        connect_args={"connect_timeout": 10},
+    )
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Create or upgrade the ledger tables to the newest Alembic revision."""
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def open_ledger(url: str, *, upgrade: bool = True) -> Engine:
+    """Connect (and by default create/upgrade the schema); a clear LedgerError otherwise."""
+    engine = make_engine(url)
+    try:
+        if upgrade:
+            upgrade_schema(engine)
+        else:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+    except (OperationalError, SQLAlchemyError, OSError) as exc:
+        engine.dispose()
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        raise LedgerError(f"ledger {safe_url(url)} is not usable: {reason}") from None
+    return engine
+
+
+def lease_owner_id(worker: int) -> str:
+    """``host:pid:worker``: lets a supervisor on the same host see that an owner died."""
+    return f"{socket.gethostname()}:{os.getpid()}:{worker}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Ledger:
+    """The rows of one job."""
+
+    def __init__(self, engine: Engine, job: str) -> None:
+        self.engine = engine
+        self.job = job
+
+    # -- jobs -----------------------------------------------------------------------------
+    def ensure_job(self, source: str, destination: str) -> None:
+        with self.engine.begin() as conn:
+            found = conn.execute(sa.select(jobs.c.name).where(jobs.c.name == self.job)).first()
+            if found is None:
+                conn.execute(
+                    jobs.insert().values(
+                        name=self.job,
+                        source=source,
+                        destination=destination,
+                        created_at=utcnow(),
+                    )
+                )
+
+    def is_planned(self) -> bool:
+        with self.engine.connect() as conn:
+            at = conn.execute(
+                sa.select(jobs.c.planned_at).where(jobs.c.name == self.job)
+            ).scalar_one_or_none()
+        return at is not None
+
+    def mark_planned(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(jobs.update().where(jobs.c.name == self.job).values(planned_at=utcnow()))
+
+    def list_jobs(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(jobs.c.name).order_by(jobs.c.name)).scalars())
+
+    # -- plan -----------------------------------------------------------------------------
+    def upsert_page(self, page: Sequence[Planned]) -> PlanResult:
+        """Add new objects, reset changed ones (ETag differs) to pending, keep the rest."""
+        if not page:
+            return PlanResult(0, 0, 0)
+        now = utcnow()
+        with self.engine.begin() as conn:
+            existing = {
+                r.source_key: r
+                for r in conn.execute(
+                    sa.select(O.id, O.source_key, O.etag, O.state).where(
+                        O.job == self.job, O.source_key.in_([p.source_key for p in page])
+                    )
+                )
+            }
+            new = [p for p in page if p.source_key not in existing]
+            changed = [
+                (existing[p.source_key].id, p)
+                for p in page
+                if p.source_key in existing
+                and existing[p.source_key].etag != p.etag
+                and existing[p.source_key].state != State.DONE
+            ]
+            if new:
+                conn.execute(
+                    objects.insert(),
+                    [
+                        {
+                            "job": self.job,
+                            "source_key": p.source_key,
+                            "dest_key": p.dest_key,
+                            "size": p.size,
+                            "etag": p.etag,
+                            "last_modified": _naive(p.last_modified),
+                            "state": State.PENDING.value,
+                            "attempts": 0,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        for p in new
+                    ],
+                )
+            if changed:
+                conn.execute(
+                    objects.update()
+                    .where(O.id == sa.bindparam("b_id"))
+                    .values(
+                        etag=sa.bindparam("b_etag"),
+                        size=sa.bindparam("b_size"),
+                        last_modified=sa.bindparam("b_lm"),
+                        state=State.PENDING.value,
+                        attempts=0,
+                        failed_stage=None,
+                        last_error=None,
+                        dest_etag=None,
+                        updated_at=now,
+                    ),
+                    [
+                        {
+                            "b_id": i,
+                            "b_etag": p.etag,
+                            "b_size": p.size,
+                            "b_lm": _naive(p.last_modified),
+                        }
+                        for i, p in changed
+                    ],
+                )
+        return PlanResult(len(new), len(changed), len(page) - len(new) - len(changed))
+
+    def replan_row(self, owner: str, row_id: int, etag: str, size: int, note: str) -> None:
+        """The source changed under us: take its new ETag and size and copy it afresh."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                objects.update()
+                .where(O.id == row_id, O.lease_owner == owner)
+                .values(
+                    etag=etag,
+                    size=size,
+                    state=State.PENDING.value,
+                    dest_etag=None,
+                    last_error=note,
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=utcnow(),
+                )
+            )
+
+    # -- claims and leases ----------------------------------------------------------------
+    def claim(
+        self, owner: str, states: Iterable[State], limit: int, lease_seconds: int
+    ) -> list[ObjectRow]:
+        now = utcnow()
+        pick = (
+            sa.select(O.id)
+            .where(
+                O.job == self.job,
+                O.state.in_([s.value for s in states]),
+                sa.or_(O.lease_expires.is_(None), O.lease_expires < now),
+            )
+            .order_by(O.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            objects.update()
+            .where(O.id.in_(pick.scalar_subquery()))
+            .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds))
+            .returning(*_ROW_COLS)
+        )
+        with self.engine.begin() as conn:
+            rows = [_row(r) for r in conn.execute(stmt)]
+        return sorted(rows, key=lambda r: r.id)
+
+    def heartbeat(self, owner: str, lease_seconds: int) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                objects.update()
+                .where(O.lease_owner == owner)
+                .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
+            ).rowcount
+
+    def release(self, owner: str, ids: Sequence[int] | None = None) -> int:
+        """Give rows back (all of the owner's, or ``ids``) so others may claim them at once."""
+        cond = [O.lease_owner == owner]
+        if ids is not None:
+            if not ids:
+                return 0
+            cond.append(O.id.in_(list(ids)))
+        with self.engine.begin() as conn:
+            return conn.execute(
+                objects.update().where(*cond).values(lease_owner=None, lease_expires=None)
+            ).rowcount
+
+    def reclaim_dead_local_leases(self) -> int:
+        """Release leases of processes on this host that no longer exist (killed workers)."""
+        host = socket.gethostname()
+        with self.engine.connect() as conn:
+            owners = list(
+                conn.execute(
+                    sa.select(O.lease_owner)
+                    .where(O.job == self.job, O.lease_owner.like(f"{host}:%"))
+                    .distinct()
+                ).scalars()
+            )
+        freed = 0
+        for owner in owners:
+            parts = owner.split(":")
+            if len(parts) >= 3 and parts[-2].isdigit() and not _pid_alive(int(parts[-2])):
+                freed += self.release(owner)
+        return freed
+
+    # -- stage results ----------------------------------------------------------------------
+    def record_copied(self, owner: str, results: Sequence[tuple[int, str]]) -> None:
+        """Copies verified: ``(row id, destination ETag)``."""
+        if not results:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                objects.update()
+                .where(O.id == sa.bindparam("b_id"), O.lease_owner == owner)
+                .values(
+                    state=State.COPIED.value,
+                    dest_etag=sa.bindparam("b_etag"),
+                    last_error=None,
+                    updated_at=utcnow(),
+                ),
+                [{"b_id": i, "b_etag": e} for i, e in results],
+            )
+
+    def record_state(self, owner: str, ids: Sequence[int], state: State) -> None:
+        """Move rows the owner holds to ``state`` (rewritten or done)."""
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                objects.update()
+                .where(O.id.in_(list(ids)), O.lease_owner == owner)
+                .values(state=state.value, last_error=None, updated_at=utcnow())
+            )
+
+    def record_failures(
+        self,
+        owner: str,
+        failures: Sequence[tuple[ObjectRow, str]],
+        stage: Stage,
+        max_attempts: int,
+        *,
+        permanent: bool = False,
+    ) -> None:
+        """Count an attempt and keep the error; rows out of attempts (or permanent) fail.
+
+        A row that may be retried is released with a backoff: its lease expiry is set in the
+        future so no worker picks it up again at once.
+        """
+        if not failures:
+            return
+        now = utcnow()
+        ids = [r.id for r, _ in failures]
+        with self.engine.begin() as conn:
+            conn.execute(
+                objects.update()
+                .where(O.id == sa.bindparam("b_id"), O.lease_owner == owner)
+                .values(
+                    attempts=O.attempts + 1,
+                    last_error=sa.bindparam("b_err"),
+                    lease_owner=None,
+                    lease_expires=sa.bindparam("b_backoff"),
+                    updated_at=now,
+                ),
+                [
+                    {"b_id": r.id, "b_err": e[:2000], "b_backoff": now + _backoff(r.attempts)}
+                    for r, e in failures
+                ],
+            )
+            cond = O.attempts >= max_attempts
+            if permanent:
+                cond = sa.true()
+            conn.execute(
+                objects.update()
+                .where(O.id.in_(ids), O.lease_owner.is_(None), cond)
+                .values(state=State.FAILED.value, failed_stage=stage.value, lease_expires=None)
+            )
+
+    def retry_failed(self) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(
+                objects.update()
+                .where(O.job == self.job, O.state == State.FAILED.value)
+                .values(
+                    state=State.PENDING.value,
+                    attempts=0,
+                    failed_stage=None,
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=utcnow(),
+                )
+            ).rowcount
+
+    # -- questions the workers ask --------------------------------------------------------
+    def delete_gate_open(self) -> bool:
+        """``after_all``: true when no row still needs copying or rewriting, and none failed
+        before its rewrite was committed (rclone's rule: no deletes after I/O errors)."""
+        blocking = sa.or_(
+            O.state.in_([State.PENDING.value, State.COPIED.value]),
+            sa.and_(
+                O.state == State.FAILED.value,
+                sa.func.coalesce(O.failed_stage, "") != Stage.DELETE.value,
+            ),
+        )
+        with self.engine.connect() as conn:
+            hit = conn.execute(sa.select(O.id).where(O.job == self.job, blocking).limit(1)).first()
+        return hit is None
+
+    def any_in_states(self, states: Iterable[State]) -> bool:
+        with self.engine.connect() as conn:
+            hit = conn.execute(
+                sa.select(O.id)
+                .where(O.job == self.job, O.state.in_([s.value for s in states]))
+                .limit(1)
+            ).first()
+        return hit is not None
+
+    # -- reading --------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            got = dict(
+                conn.execute(
+                    sa.select(O.state, sa.func.count()).where(O.job == self.job).group_by(O.state)
+                ).all()
+            )
+        return {s.value: int(got.get(s.value, 0)) for s in State}
+
+    def bytes_by_state(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            got = dict(
+                conn.execute(
+                    sa.select(O.state, sa.func.coalesce(sa.func.sum(O.size), 0))
+                    .where(O.job == self.job)
+                    .group_by(O.state)
+                ).all()
+            )
+        return {s.value: int(got.get(s.value, 0)) for s in State}
+
+    def recent_errors(self, limit: int = 5) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(O.source_key, O.state, O.attempts, O.last_error, O.updated_at)
+                .where(O.job == self.job, O.last_error.is_not(None))
+                .order_by(O.updated_at.desc())
+                .limit(limit)
+            ).all()
+        return [
+            {
+                "key": r.source_key,
+                "state": r.state,
+                "attempts": r.attempts,
+                "error": r.last_error,
+                "at": r.updated_at.isoformat(timespec="seconds"),
+            }
+            for r in rows
+        ]
+
+    def finished_since(self, since: datetime) -> int:
+        """Rows that reached their last state after ``since`` (for throughput)."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        O.job == self.job,
+                        O.state == State.DONE.value,
+                        O.updated_at >= since,
+                    )
+                ).scalar_one()
+            )
+
+    def iter_rows(
+        self, states: Iterable[State] | None = None, batch: int = 1000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """All rows of the job in id order, ``batch`` at a time (keyset pagination)."""
+        last = 0
+        cols = [c for c in objects.c if c.name not in ("lease_owner", "lease_expires")]
+        while True:
+            q = sa.select(*cols).where(O.job == self.job, O.id > last)
+            if states is not None:
+                q = q.where(O.state.in_([s.value for s in states]))
+            with self.engine.connect() as conn:
+                rows = [dict(r._mapping) for r in conn.execute(q.order_by(O.id).limit(batch))]
+            if not rows:
+                return
+            yield rows
+            last = rows[-1]["id"]
+
+
+def _backoff(attempts: int) -> timedelta:
+    return timedelta(seconds=min(2**attempts, 30))
+
+
+def _naive(dt: datetime | None) -> datetime | None:
+    if dt is None or dt.tzinfo is None:
+        return dt
+    return dt.astimezone(UTC).replace(tzinfo=None)

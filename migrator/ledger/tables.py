@@ -1,0 +1,62 @@
+"""Ledger schema (SQLAlchemy Core). Alembic revisions in ``alembic/versions`` create it."""
+
+from __future__ import annotations
+
+import enum
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+class State(enum.StrEnum):
+    """Where an object is; the values are what the ledger stores."""
+
+    PENDING = "pending"  # planned, not yet copied
+    COPIED = "copied"  # destination written and verified (size + ETag)
+    REWRITTEN = "rewritten"  # app-DB rows committed with the destination key
+    DONE = "done"  # source deleted per policy (or kept under delete_source: never)
+    FAILED = "failed"  # attempts exhausted or a permanent error; last_error says why
+
+
+class Stage(enum.StrEnum):
+    COPY = "copy"
+    REWRITE = "rewrite"
+    DELETE = "delete"
+
+
+jobs = sa.Table(
+    "migrator_jobs",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("destination", sa.Text, nullable=False),
+    sa.Column("planned_at", sa.DateTime, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+objects = sa.Table(
+    "migrator_objects",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("job", sa.String(100), nullable=False),
+    sa.Column("source_key", sa.String(1024), nullable=False),
+    sa.Column("dest_key", sa.String(1024), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("etag", sa.String(80), nullable=False),
+    sa.Column("last_modified", sa.DateTime, nullable=True),
+    sa.Column("dest_etag", sa.String(80), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("failed_stage", sa.String(16), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires", sa.DateTime, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("job", "source_key", name="uq_migrator_objects_job_source"),
+    sa.Index("ix_migrator_objects_job_state", "job", "state", "id"),
+    sa.Index("ix_migrator_objects_lease_owner", "lease_owner"),
+)

@@ -1,0 +1,213 @@
+"""The four stages as functions over a claimed chunk: copy → verify → rewrite → delete.
+
+Each stage performs its side effect first and records it in the ledger afterwards (I2), and
+returns the rows that moved on, so the next stage sees them. Every side effect is idempotent:
+a copy of the planned version, an ``UPDATE ... WHERE column = old``, a delete of a key that may
+already be gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator import keys
+from migrator.appdb import AppDatabase
+from migrator.config import Config
+from migrator.errors import redact
+from migrator.ledger.repo import Ledger, ObjectRow
+from migrator.ledger.tables import Stage, State
+from migrator.storage import s3
+
+
+@dataclass
+class ChunkContext:
+    """What a worker hands to the stages: config, ledger, clients, the app DB, a thread pool."""
+
+    cfg: Config
+    ledger: Ledger
+    owner: str
+    source_client: Any
+    dest_client: Any
+    appdb: AppDatabase | None
+    pool: ThreadPoolExecutor
+    stop: threading.Event
+
+
+@dataclass(frozen=True)
+class CopyOutcome:
+    row: ObjectRow
+    dest_etag: str | None = None  # set when the destination is verified
+    error: str | None = None
+    permanent: bool = False
+    replan: s3.Head | None = None  # the source's new version, when it changed after plan
+    skipped: bool = False  # stop requested before the request was sent
+
+
+def copy_one(ctx: ChunkContext, row: ObjectRow) -> CopyOutcome:
+    """Copy one object (exactly the planned version) and verify the destination."""
+    if ctx.stop.is_set():
+        return CopyOutcome(row, skipped=True)
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    try:
+        etag = s3.copy(
+            ctx.dest_client, src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag
+        )
+    except s3.S3OperationError as err:
+        return _copy_failed(ctx, row, err)
+    return _verify(ctx, row, etag)
+
+
+def _copy_failed(ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError) -> CopyOutcome:
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    try:
+        if err.kind is s3.ErrorKind.SOURCE_MISSING:
+            # A destination that already holds the planned object counts as copied.
+            found = s3.head(ctx.dest_client, dst.bucket, row.dest_key)
+            if found is not None and _same_object(row, found):
+                return CopyOutcome(row, dest_etag=found.etag)
+            return CopyOutcome(
+                row,
+                error="source object no longer exists (NoSuchKey); app rows left untouched",
+                permanent=True,
+            )
+        if err.kind is s3.ErrorKind.SOURCE_CHANGED:
+            now = s3.head(ctx.source_client, src.bucket, row.source_key)
+            if now is None:
+                return CopyOutcome(
+                    row, error="source object no longer exists (deleted after plan)", permanent=True
+                )
+            return CopyOutcome(row, replan=now)
+    except s3.S3OperationError as head_err:
+        return CopyOutcome(row, error=str(head_err))
+    return CopyOutcome(row, error=str(err), permanent=err.kind is s3.ErrorKind.PERMANENT)
+
+
+def _same_object(row: ObjectRow, found: s3.Head) -> bool:
+    return found.size == row.size and found.etag in {row.etag, row.dest_etag}
+
+
+def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str) -> CopyOutcome:
+    """Single-part ETags are MD5s: equal ETags mean equal bytes and size. A multipart source's
+    ETag cannot match a copy's, so its size is checked on the destination instead."""
+    if "-" not in row.etag:
+        if dest_etag != row.etag:
+            return CopyOutcome(
+                row, error=f"verify: destination ETag {dest_etag} differs from source {row.etag}"
+            )
+        return CopyOutcome(row, dest_etag=dest_etag)
+    try:
+        found = s3.head(ctx.dest_client, ctx.cfg.destination.bucket, row.dest_key)
+    except s3.S3OperationError as err:
+        return CopyOutcome(row, error=f"verify: {err}")
+    if found is None or found.size != row.size:
+        got = "missing" if found is None else f"{found.size} bytes"
+        return CopyOutcome(row, error=f"verify: destination is {got}, expected {row.size} bytes")
+    return CopyOutcome(row, dest_etag=found.etag)
+
+
+def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
+    """Copy the chunk's pending rows in parallel; return the rows now verified at the
+    destination (with those that already were)."""
+    pending = [r for r in rows if r.state is State.PENDING]
+    ready = [r for r in rows if r.state is State.COPIED]
+    outcomes = list(ctx.pool.map(lambda r: copy_one(ctx, r), pending))
+    copied = [o for o in outcomes if o.dest_etag is not None]
+    ctx.ledger.record_copied(ctx.owner, [(o.row.id, o.dest_etag or "") for o in copied])
+    for o in outcomes:
+        if o.replan is not None:
+            ctx.ledger.replan_row(
+                ctx.owner,
+                o.row.id,
+                o.replan.etag,
+                o.replan.size,
+                "source changed after plan (ETag differs); re-planned with the new version",
+            )
+    _record_errors(ctx, [o for o in outcomes if o.error and not o.permanent], Stage.COPY)
+    _record_errors(ctx, [o for o in outcomes if o.error and o.permanent], Stage.COPY, True)
+    skipped = [o.row.id for o in outcomes if o.skipped]
+    if skipped:
+        ctx.ledger.release(ctx.owner, skipped)
+    return ready + [
+        dataclasses.replace(o.row, state=State.COPIED, dest_etag=o.dest_etag) for o in copied
+    ]
+
+
+def _record_errors(
+    ctx: ChunkContext, failed: Sequence[CopyOutcome], stage: Stage, permanent: bool = False
+) -> None:
+    ctx.ledger.record_failures(
+        ctx.owner,
+        [(o.row, redact(o.error or "")) for o in failed],
+        stage,
+        ctx.cfg.max_attempts,
+        permanent=permanent,
+    )
+
+
+def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
+    """Point the app rows of every copied row at its destination key, in one transaction."""
+    copied = [r for r in rows if r.state is State.COPIED]
+    if not copied:
+        return []
+    if ctx.appdb is not None:
+        try:
+            ctx.appdb.rewrite([(r.source_key, r.dest_key) for r in copied])
+        except SQLAlchemyError as exc:
+            reason = redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0])
+            ctx.ledger.record_failures(
+                ctx.owner,
+                [(r, f"rewrite: {reason}") for r in copied],
+                Stage.REWRITE,
+                ctx.cfg.max_attempts,
+            )
+            return []
+    final = State.DONE if ctx.cfg.delete_source == "never" else State.REWRITTEN
+    ctx.ledger.record_state(ctx.owner, [r.id for r in copied], final)
+    return [dataclasses.replace(r, state=final) for r in copied]
+
+
+def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
+    """Delete the sources of rewritten rows, ≤ 1,000 per request, after re-checking I1."""
+    todo = [r for r in rows if r.state is State.REWRITTEN]
+    if not todo:
+        return []
+    if ctx.appdb is not None:
+        try:
+            _recheck_app_rows(ctx, todo)
+        except SQLAlchemyError as exc:
+            reason = redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0])
+            ctx.ledger.record_failures(
+                ctx.owner,
+                [(r, f"delete guard: {reason}") for r in todo],
+                Stage.DELETE,
+                ctx.cfg.max_attempts,
+            )
+            return []
+    done: list[ObjectRow] = []
+    failures: list[tuple[ObjectRow, str]] = []
+    for batch in keys.batched(todo, s3.DELETE_BATCH):
+        errors = s3.delete(ctx.source_client, ctx.cfg.source.bucket, [r.source_key for r in batch])
+        for r in batch:
+            if r.source_key in errors:
+                failures.append((r, redact(f"delete: {errors[r.source_key]}")))
+            else:
+                done.append(r)
+    ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE)
+    ctx.ledger.record_failures(ctx.owner, failures, Stage.DELETE, ctx.cfg.max_attempts)
+    return [dataclasses.replace(r, state=State.DONE) for r in done]
+
+
+def _recheck_app_rows(ctx: ChunkContext, rows: list[ObjectRow]) -> None:
+    """I1's last line of defence: rows written with an old key since the rewrite (an app still
+    writing old paths) are rewritten again before their source may go."""
+    assert ctx.appdb is not None
+    left = set(ctx.appdb.still_pointing([r.source_key for r in rows]))
+    if left:
+        ctx.appdb.rewrite([(r.source_key, r.dest_key) for r in rows if r.source_key in left])

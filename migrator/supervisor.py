@@ -1,0 +1,221 @@
+"""The supervisor: pre-flight checks, plan when needed, start and watch the worker processes,
+show progress, stop cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator.appdb import AppDatabase
+from migrator.config import Config
+from migrator.errors import (
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PreflightError,
+    redact,
+)
+from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
+from migrator.plan import PlanTotals, plan_job
+from migrator.progress import RunDisplay, Snapshot
+from migrator.storage import s3
+from migrator.worker import worker_main
+
+log = logging.getLogger("migrator")
+
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class Resources:
+    """What pre-flight opened and checked, for commands run in the supervisor process."""
+
+    engine: Engine
+    ledger: Ledger
+    source_client: Any
+    dest_client: Any
+    appdb: AppDatabase | None
+
+    def close(self) -> None:
+        if self.appdb is not None:
+            self.appdb.dispose()
+        self.engine.dispose()
+
+
+def same_endpoint(cfg: Config) -> bool:
+    return cfg.source.model_dump(exclude={"bucket", "prefix"}) == cfg.destination.model_dump(
+        exclude={"bucket", "prefix"}
+    )
+
+
+def preflight(cfg: Config, *, need_s3: bool = True, need_appdb: bool = True) -> Resources:
+    """Check everything a run needs before anything is written: buckets, app table and column,
+    then the ledger (created or upgraded last, so bad input leaves nothing behind)."""
+    source_client = dest_client = None
+    if need_s3:
+        if not same_endpoint(cfg):
+            raise PreflightError(
+                "source and destination use different endpoints, regions or profiles; "
+                "server-side copy needs one S3 service for both sides"
+            )
+        source_client = s3.ClientFactory(
+            cfg.source, max_pool=cfg.concurrency + 4, max_attempts=2, connect_timeout=5
+        ).client()
+        s3.check_bucket(source_client, cfg.source, "source")
+        s3.check_bucket(source_client, cfg.destination, "destination")
+        source_client = s3.ClientFactory(cfg.source, max_pool=cfg.concurrency + 4).client()
+        dest_client = source_client
+    appdb = AppDatabase(cfg.app_db) if (need_appdb and cfg.app_db is not None) else None
+    try:
+        engine = open_ledger(cfg.ledger)
+    except Exception:
+        if appdb is not None:
+            appdb.dispose()
+        raise
+    return Resources(engine, Ledger(engine, cfg.job), source_client, dest_client, appdb)
+
+
+def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
+    last = [0.0]
+
+    def on_page(t: PlanTotals) -> None:
+        if time.monotonic() - last[0] >= 2:
+            last[0] = time.monotonic()
+            console.print(f"planning: {t.listed:,} objects listed", highlight=False)
+
+    totals = plan_job(cfg, res.ledger, res.source_client, on_page)
+    console.print(
+        f"planned {cfg.job}: {totals.listed:,} listed, {totals.added:,} new, "
+        f"{totals.reset:,} changed, {totals.unchanged:,} unchanged",
+        highlight=False,
+    )
+    return totals
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.requested = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.requested += 1
+
+
+def run_job(cfg: Config, *, console: Console | None = None, quiet: bool = False) -> int:
+    """``migrator run``: plan if needed, then process every stage until done; resumable."""
+    console = console or Console(stderr=True)
+    res = preflight(cfg)
+    try:
+        res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
+        if not res.ledger.is_planned():
+            run_plan(cfg, res, console)
+        freed = res.ledger.reclaim_dead_local_leases()
+        if freed:
+            console.print(f"reclaimed {freed:,} rows leased by stopped processes", highlight=False)
+        return _supervise(cfg, res.ledger, console, quiet)
+    finally:
+        res.close()
+
+
+def _supervise(cfg: Config, ledger: Ledger, console: Console, quiet: bool) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    stop_event = ctx.Event()
+    stop = _Stop()
+    old_int = signal.signal(signal.SIGINT, stop)
+    old_term = signal.signal(signal.SIGTERM, stop)
+    level = logging.getLogger().getEffectiveLevel()
+    procs: dict[str, Any] = {}
+    serial = [0]
+
+    def start_worker() -> None:
+        serial[0] += 1
+        owner = lease_owner_id(serial[0])
+        p = ctx.Process(
+            target=worker_main,
+            args=(cfg, owner, stop_event, level),
+            name=f"migrator-worker-{serial[0]}",
+        )
+        p.start()
+        procs[owner] = p
+
+    display = RunDisplay(cfg, console, quiet=quiet)
+    restarts = 0
+    gave_up = False
+    try:
+        for _ in range(cfg.workers):
+            start_worker()
+        display.start()
+        while procs:
+            time.sleep(POLL_SECONDS)
+            if stop.requested and not stop_event.is_set():
+                stop_event.set()
+                display.stop()
+                console.print("stopping: workers finish their in-flight requests ...")
+            if stop.requested > 1:
+                for p in procs.values():
+                    p.terminate()
+            for owner, p in list(procs.items()):
+                if p.is_alive():
+                    continue
+                p.join()
+                del procs[owner]
+                if p.exitcode != 0 and not stop_event.is_set():
+                    ledger.release(owner)
+                    if restarts < cfg.workers * 3:
+                        restarts += 1
+                        log.warning("worker %s exited with %s; starting another", owner, p.exitcode)
+                        start_worker()
+                    else:
+                        gave_up = True
+            try:
+                display.update(Snapshot.from_counts(ledger.counts()), len(procs))
+            except SQLAlchemyError as exc:
+                log.warning("cannot read progress: %s", redact(str(exc).splitlines()[0]))
+    finally:
+        display.stop()
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        for p in procs.values():
+            p.join(timeout=30)
+    counts = ledger.counts()
+    snap = Snapshot.from_counts(counts)
+    display.plain(snap, f"failed {snap.failed}")
+    if stop.requested:
+        console.print("interrupted; run the same command again to continue")
+        return EXIT_INTERRUPTED
+    if gave_up:
+        console.print("workers kept failing; see the log above, fix the cause and run again")
+        return EXIT_FAILED_ROWS
+    return finish_message(cfg, counts, console)
+
+
+def finish_message(cfg: Config, counts: dict[str, int], console: Console) -> int:
+    total = sum(counts.values())
+    if counts["done"] == total:
+        console.print(f"{cfg.job}: all {total:,} objects done", highlight=False)
+        return EXIT_OK
+    if counts["failed"]:
+        held = (
+            " Sources are not deleted while any row has failed (delete_source: after_all)."
+            if cfg.delete_source == "after_all" and counts["rewritten"]
+            else ""
+        )
+        console.print(
+            f"{cfg.job}: {counts['failed']:,} objects failed.{held} See `migrator status`, fix "
+            "the cause, then `migrator retry-failed` and `migrator run`.",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"{cfg.job}: {total - counts['done']:,} objects not finished; run again",
+            highlight=False,
+        )
+    return EXIT_FAILED_ROWS

@@ -1,0 +1,140 @@
+"""One worker process: claim a chunk → copy → verify → rewrite → delete → record, until no
+work is left. Started by the supervisor; builds its own boto3 clients and engines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator import stages
+from migrator.appdb import AppDatabase
+from migrator.config import Config
+from migrator.errors import MigratorError, redact
+from migrator.ledger.repo import Ledger, ObjectRow, open_ledger
+from migrator.ledger.tables import State
+from migrator.storage.s3 import ClientFactory
+
+log = logging.getLogger("migrator.worker")
+
+IDLE_SLEEP = 0.5
+MAX_CONSECUTIVE_ERRORS = 30
+EXIT_WORKER_ERROR = 3
+
+
+def claim_states(cfg: Config, ledger: Ledger) -> list[State]:
+    """Which rows this worker may take now, under the job's delete policy."""
+    states = [State.PENDING, State.COPIED]
+    if cfg.delete_source == "per_chunk" or (
+        cfg.delete_source == "after_all" and ledger.delete_gate_open()
+    ):
+        states.append(State.REWRITTEN)
+    return states
+
+
+def process_chunk(ctx: stages.ChunkContext, rows: list[ObjectRow]) -> None:
+    copied = stages.copy_stage(ctx, rows)
+    if ctx.stop.is_set():
+        return
+    rewritten = stages.rewrite_stage(ctx, copied)
+    if ctx.cfg.delete_source == "per_chunk":
+        to_delete = rewritten + [r for r in rows if r.state is State.REWRITTEN]
+    elif ctx.cfg.delete_source == "after_all":
+        to_delete = [r for r in rows if r.state is State.REWRITTEN]
+    else:
+        to_delete = []
+    if to_delete and not ctx.stop.is_set():
+        stages.delete_stage(ctx, to_delete)
+
+
+class _Heartbeat(threading.Thread):
+    """Extends this worker's leases every third of the lease time."""
+
+    def __init__(self, ledger: Ledger, owner: str, lease_seconds: int) -> None:
+        super().__init__(daemon=True, name="heartbeat")
+        self.ledger, self.owner, self.lease_seconds = ledger, owner, lease_seconds
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.lease_seconds / 3):
+            try:
+                self.ledger.heartbeat(self.owner, self.lease_seconds)
+            except SQLAlchemyError as exc:
+                log.warning("heartbeat failed: %s", redact(str(exc).splitlines()[0]))
+
+
+def run_worker(cfg: Config, owner: str, stop: Any) -> int:
+    """The worker loop; returns the process exit code."""
+    local_stop = threading.Event()
+    engine = open_ledger(cfg.ledger, upgrade=False)
+    ledger = Ledger(engine, cfg.job)
+    pool_size = cfg.concurrency + 4
+    source_client = ClientFactory(cfg.source, max_pool=pool_size).client()
+    dest_client = (
+        source_client
+        if cfg.source.model_dump(exclude={"bucket", "prefix"})
+        == cfg.destination.model_dump(exclude={"bucket", "prefix"})
+        else ClientFactory(cfg.destination, max_pool=pool_size).client()
+    )
+    appdb = AppDatabase(cfg.app_db) if cfg.app_db else None
+    heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
+    heartbeat.start()
+    parent = os.getppid()
+    errors = 0
+    with ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="s3") as pool:
+        ctx = stages.ChunkContext(
+            cfg, ledger, owner, source_client, dest_client, appdb, pool, local_stop
+        )
+        try:
+            while True:
+                if stop.is_set() or os.getppid() != parent:
+                    local_stop.set()
+                    break
+                try:
+                    states = claim_states(cfg, ledger)
+                    rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
+                    if not rows:
+                        if not ledger.any_in_states(states):
+                            break
+                        time.sleep(IDLE_SLEEP)
+                        continue
+                    process_chunk(ctx, rows)
+                    ledger.release(owner)
+                    errors = 0
+                except SQLAlchemyError as exc:
+                    errors += 1
+                    log.warning(
+                        "ledger or app database error (%d in a row): %s",
+                        errors,
+                        redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0]),
+                    )
+                    if errors >= MAX_CONSECUTIVE_ERRORS:
+                        return EXIT_WORKER_ERROR
+                    time.sleep(min(2 ** min(errors, 5), 30) / 4)
+        finally:
+            heartbeat.done.set()
+            with contextlib.suppress(SQLAlchemyError):  # else the lease expires by itself
+                ledger.release(owner)
+            if appdb is not None:
+                appdb.dispose()
+            engine.dispose()
+    return 0
+
+
+def worker_main(cfg: Config, owner: str, stop: Any, log_level: int) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor tells us to stop
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(message)s")
+    try:
+        code = run_worker(cfg, owner, stop)
+    except MigratorError as exc:
+        log.error("%s", redact(str(exc)))
+        code = EXIT_WORKER_ERROR
+    raise SystemExit(code)

@@ -1,0 +1,1 @@
+"""The seeder: realistic test data for a migration job (``python -m seed``)."""

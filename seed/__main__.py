@@ -1,0 +1,140 @@
+"""``python -m seed --config config.yaml --objects N --size BYTES``
+
+Creates both buckets, N avatar objects under the source prefix (parallel uploads, deterministic
+content) and the application table with one row per object, plus rows a migration must leave
+alone: other prefixes, a look-alike prefix, and NULL paths.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+import sqlalchemy as sa
+from botocore.exceptions import BotoCoreError, ClientError
+
+from migrator.config import Config, Location, load_config
+from migrator.errors import MigratorError, redact
+from migrator.storage.s3 import ClientFactory
+from seed.data import SeedObject, seed_object
+
+UPLOAD_THREADS = 32
+
+
+def create_bucket(client: Any, loc: Location) -> None:
+    kwargs: dict[str, Any] = {"Bucket": loc.bucket}
+    if loc.region and loc.region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": loc.region}
+    try:
+        client.create_bucket(**kwargs)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in (
+            "BucketAlreadyOwnedByYou",
+            "BucketAlreadyExists",
+        ):
+            raise
+
+
+def upload(client: Any, bucket: str, obj: SeedObject) -> None:
+    client.put_object(
+        Bucket=bucket,
+        Key=obj.key,
+        Body=obj.body,
+        ContentType=obj.content_type,
+        Metadata={"user-id": str(obj.user_id)},
+    )
+
+
+def app_rows(objects: list[SeedObject], column: str) -> list[dict[str, Any]]:
+    """One row per object, then rows that must not be touched by the migration."""
+    rows = [{"user_id": o.user_id, column: o.key} for o in objects]
+    extra = max(3, len(objects) // 10)
+    for i in range(extra):
+        rows.append({"user_id": 900_000 + i, column: f"banner/{i:06d}.png"})
+        rows.append({"user_id": 910_000 + i, column: f"images/{i:06d}.png"})
+        rows.append({"user_id": 920_000 + i, column: None})
+    return rows
+
+
+def seed_app_db(cfg: Config, objects: list[SeedObject], replace: bool) -> int:
+    assert cfg.app_db is not None
+    engine = sa.create_engine(cfg.app_db.url)
+    schema, _, name = cfg.app_db.table.rpartition(".")
+    table = sa.Table(
+        name,
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("user_id", sa.Integer, nullable=False),
+        sa.Column(cfg.app_db.column, sa.String(1024), nullable=True, index=True),
+        schema=schema or None,
+    )
+    try:
+        with engine.begin() as conn:
+            if sa.inspect(conn).has_table(name, schema=schema or None):
+                existing = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+                if existing and not replace:
+                    raise click.UsageError(
+                        f"app table {cfg.app_db.table!r} already has {existing} rows; pass "
+                        "--replace to drop and recreate it"
+                    )
+                table.drop(conn)
+            table.create(conn)
+            rows = app_rows(objects, cfg.app_db.column)
+            conn.execute(table.insert(), rows)
+    finally:
+        engine.dispose()
+    return len(rows)
+
+
+@click.command()
+@click.option("--config", "config_path", default="config.yaml", type=click.Path(path_type=Path))
+@click.option("--objects", "count", default=2000, show_default=True, type=click.IntRange(0))
+@click.option("--size", default=2048, show_default=True, type=click.IntRange(0, 64 * 2**20))
+@click.option("--replace", is_flag=True, help="Drop and recreate a non-empty app table.")
+def main(config_path: Path, count: int, size: int, replace: bool) -> None:
+    """Create buckets, COUNT objects of SIZE bytes under the source prefix, and the app table.
+
+    Example: python -m seed --config config.yaml --objects 2000 --size 2048
+    """
+    try:
+        cfg = load_config(config_path)
+    except MigratorError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    started = time.monotonic()
+    objects = [seed_object(i, cfg.source.prefix, size) for i in range(count)]
+    try:
+        src = ClientFactory(cfg.source, max_pool=UPLOAD_THREADS + 4).client()
+        dst = ClientFactory(cfg.destination).client()
+        create_bucket(src, cfg.source)
+        create_bucket(dst, cfg.destination)
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            list(pool.map(lambda o: upload(src, cfg.source.bucket, o), objects))
+    except (ClientError, BotoCoreError) as exc:
+        click.echo(f"error: S3: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    took = time.monotonic() - started
+    click.echo(
+        f"seeded {count:,} objects of {size:,} bytes under "
+        f"s3://{cfg.source.bucket}/{cfg.source.prefix} in {took:.1f} s "
+        f"({count / took if took else 0:,.0f} objects/s)"
+    )
+    if cfg.app_db is not None:
+        try:
+            n = seed_app_db(cfg, objects, replace)
+        except sa.exc.SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            click.echo(f"error: app database: {redact(reason)}", err=True)
+            sys.exit(2)
+        click.echo(
+            f"app table {cfg.app_db.table}: {n:,} rows ({count:,} pointing at objects, "
+            f"{n - count:,} that the migration must leave alone)"
+        )
+
+
+if __name__ == "__main__":
+    main()
