@@ -1,0 +1,219 @@
+"""Real servers for the suite: a moto S3 server over HTTP, PostgreSQL, and s3fast.
+
+PostgreSQL: MIGRATOR_TEST_PG_URL if set; else a testcontainers container where a Docker engine
+answers; else the local server at 127.0.0.1:5432 (user postgres). Each test session creates its
+own databases and drops them at the end. Without a server the Postgres tests skip, unless
+MIGRATOR_REQUIRE_POSTGRES=1 (CI), which makes them fail instead. s3fast tests follow the same
+rule with MIGRATOR_REQUIRE_S3FAST=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import sqlalchemy as sa
+from botocore.config import Config as BotoConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MIGRATOR_SHARED_DIR", REPO.parent / "shared"))
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=BotoConfig(s3={"addressing_style": "path"}, max_pool_connections=32),
+    )
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(moto_endpoint: str) -> Any:
+    return s3_client(moto_endpoint)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _pg_reachable(url: str) -> str | None:
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return None
+    except sa.exc.SQLAlchemyError as exc:
+        return str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """URL of a PostgreSQL server (its ``postgres`` database) that tests may create DBs on."""
+    container = None
+    url = os.environ.get("MIGRATOR_TEST_PG_URL")
+    if not url and _docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:16-alpine", driver="psycopg2")
+        container.start()
+        url = container.get_connection_url()
+    url = url or "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+    problem = _pg_reachable(url)
+    if problem:
+        if os.environ.get("MIGRATOR_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL required (MIGRATOR_REQUIRE_POSTGRES=1) but: {problem}")
+        pytest.skip(f"no PostgreSQL server: {problem}")
+    yield url
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_database(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
+    """Factory: create a fresh database, return its URL; all are dropped at session end."""
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def make(label: str) -> str:
+        name = f"mt_{label}_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return sa.engine.make_url(pg_admin_url).set(database=name).render_as_string(False)
+
+    yield make
+    with admin.connect() as conn:
+        for name in created:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def db_urls(db_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """Ledger and app-DB URLs on the parametrised backend."""
+    if db_kind == "sqlite":
+        return {
+            "ledger": f"sqlite:///{tmp_path / 'ledger.db'}",
+            "app": f"sqlite:///{tmp_path / 'app.db'}",
+        }
+    make = request.getfixturevalue("pg_database")
+    return {"ledger": make("ledger"), "app": make("app")}
+
+
+# -- s3fast ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3fast_bin() -> str:
+    build = SHARED / "s3fast" / "build.sh"
+    problem = None
+    if not build.exists():
+        problem = f"{build} not found"
+    else:
+        proc = subprocess.run(["bash", str(build)], capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip().splitlines()[-1]
+        problem = f"build.sh failed: {proc.stderr.strip()[-300:]}"
+    if os.environ.get("MIGRATOR_REQUIRE_S3FAST") == "1":
+        pytest.fail(f"s3fast required (MIGRATOR_REQUIRE_S3FAST=1) but {problem}")
+    pytest.skip(f"s3fast unavailable: {problem}")
+
+
+class S3Fast:
+    def __init__(self, binary: str, *flags: str) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [binary, "-addr", f"127.0.0.1:{self.port}", "-quiet", *flags],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                self.stats()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("s3fast did not start")
+
+    def stats(self) -> dict[str, Any]:
+        import json
+
+        with urllib.request.urlopen(f"{self.endpoint}/_s3fast/stats", timeout=2) as r:
+            return json.loads(r.read())
+
+    def reset_stats(self) -> None:
+        req = urllib.request.Request(f"{self.endpoint}/_s3fast/stats/reset", method="POST")
+        urllib.request.urlopen(req, timeout=2).close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3fast(s3fast_bin: str) -> Iterator[Callable[..., S3Fast]]:
+    """Factory: start an s3fast server with the given flags; stopped after the test."""
+    started: list[S3Fast] = []
+
+    def start(*flags: str) -> S3Fast:
+        server = S3Fast(s3fast_bin, *flags)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,0 +1,172 @@
+"""Building jobs for tests and checking them from outside (S3 listings and the app DB)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import yaml
+
+from migrator.config import Config, load_config
+from migrator.keys import map_key
+from seed.__main__ import app_rows, create_bucket, seed_app_db, upload
+from seed.data import SeedObject, seed_object
+from tests.conftest import REPO, unique
+
+
+@dataclass
+class Job:
+    dir: Path
+    config_path: Path
+    cfg: Config
+    s3: Any
+    objects: list[SeedObject] = field(default_factory=list)
+
+    @property
+    def bodies(self) -> dict[str, bytes]:
+        return {o.key: o.body for o in self.objects}
+
+    def dest_key(self, key: str) -> str:
+        return map_key(key, self.cfg.source.prefix, self.cfg.destination.prefix)
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def make_job(
+    tmp_path: Path,
+    s3: Any,
+    endpoint: str,
+    *,
+    ledger: str,
+    app: str | None,
+    count: int = 20,
+    size: int = 256,
+    keys: Sequence[str] | None = None,
+    **settings: Any,
+) -> Job:
+    """Buckets with ``count`` seeded objects (or the given keys) and the app table."""
+    data: dict[str, Any] = {
+        "job": unique("job"),
+        "ledger": ledger,
+        "source": {"bucket": unique("legacy"), "prefix": "image/", "endpoint_url": endpoint},
+        "destination": {
+            "bucket": unique("production"),
+            "prefix": "avatar/",
+            "endpoint_url": endpoint,
+        },
+        "workers": 2,
+        "concurrency": 8,
+        "chunk_size": 10,
+        "lease_seconds": 10,
+    }
+    if app is not None:
+        data["app_db"] = {"url": app, "table": "avatars", "column": "path"}
+    data.update(settings)
+    path = write_config(tmp_path / "config.yaml", data)
+    cfg = load_config(path, env={})
+    if keys is None:
+        objects = [seed_object(i, cfg.source.prefix, size) for i in range(count)]
+    else:
+        objects = [
+            SeedObject(i, k, "image/png", f"body {i} of {k}".encode() * (i % 3), 100_000 + i)
+            for i, k in enumerate(keys)
+        ]
+    create_bucket(s3, cfg.source)
+    create_bucket(s3, cfg.destination)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda o: upload(s3, cfg.source.bucket, o), objects))
+    if cfg.app_db is not None:
+        seed_app_db(cfg, objects, replace=True)
+    return Job(tmp_path, path, cfg, s3, objects)
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migrator", *args],
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def list_keys(s3: Any, bucket: str, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.update(o["Key"] for o in page.get("Contents", ()))
+    return keys
+
+
+def read(s3: Any, bucket: str, key: str) -> bytes:
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def app_paths(job: Job) -> list[str | None]:
+    assert job.cfg.app_db is not None
+    engine = sa.create_engine(job.cfg.app_db.url)
+    try:
+        with engine.connect() as conn:
+            return list(
+                conn.execute(sa.text("SELECT path FROM avatars ORDER BY user_id")).scalars()
+            )
+    finally:
+        engine.dispose()
+
+
+def expected_untouched(job: Job) -> list[str | None]:
+    """The app rows the migration must leave alone, in user_id order."""
+    rows = app_rows(job.objects, "path")[len(job.objects) :]
+    return [r["path"] for r in sorted(rows, key=lambda r: r["user_id"])]
+
+
+def invariant_violations(job: Job) -> list[str]:
+    """I1 and 'nothing lost', judged from S3 and the app DB only (never the ledger)."""
+    src, dst = job.cfg.source, job.cfg.destination
+    sources = list_keys(job.s3, src.bucket, src.prefix)
+    dests = list_keys(job.s3, dst.bucket, dst.prefix)
+    paths = app_paths(job) if job.cfg.app_db is not None else []
+    holding = set(p for p in paths if p is not None)
+    problems = []
+    for obj in job.objects:
+        dkey = job.dest_key(obj.key)
+        if obj.key in sources:
+            continue
+        if dkey not in dests:
+            problems.append(f"LOST: {obj.key!r} gone from source and absent at destination")
+        elif read(job.s3, dst.bucket, dkey) != obj.body:
+            problems.append(f"LOST: {obj.key!r} gone from source, destination bytes differ")
+        if obj.key in holding:
+            problems.append(f"EARLY DELETE: {obj.key!r} deleted while an app row still holds it")
+    return problems
+
+
+def assert_converged(job: Job, *, sources_deleted: bool = True) -> None:
+    src, dst = job.cfg.source, job.cfg.destination
+    sources = list_keys(job.s3, src.bucket, src.prefix)
+    dests = list_keys(job.s3, dst.bucket, dst.prefix)
+    for obj in job.objects:
+        dkey = job.dest_key(obj.key)
+        assert dkey in dests, f"{dkey!r} missing at destination"
+        assert read(job.s3, dst.bucket, dkey) == obj.body, f"{dkey!r} has other bytes"
+    if sources_deleted:
+        assert sources == set(), f"{len(sources)} sources left behind"
+    else:
+        assert sources == {o.key for o in job.objects}
+    if job.cfg.app_db is not None:
+        paths = app_paths(job)
+        migrated = paths[: len(job.objects)]
+        assert migrated == [job.dest_key(o.key) for o in job.objects]
+        assert paths[len(job.objects) :] == expected_untouched(job)
