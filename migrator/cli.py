@@ -18,8 +18,6 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from migrator import audit as audit_mod
-from migrator import report as report_mod
 from migrator.config import Config, load_config
 from migrator.errors import EXIT_INTERRUPTED, EXIT_USAGE, LedgerError, MigratorError, redact
 from migrator.ledger.repo import Ledger, open_ledger, utcnow
@@ -215,8 +213,10 @@ def report(config_path: Path, out: Path) -> None:
     cfg = _load(config_path)
     if out.suffix.lower() not in (".csv", ".parquet"):
         _fail(f"--out {out}: use a .csv or .parquet file name", EXIT_USAGE)
+    from migrator.report import write_report  # pandas and pyarrow load only when needed
+
     ledger = _ledger_for_reading(cfg)
-    n = report_mod.write_report(ledger, out)
+    n = write_report(ledger, out)
     ledger.engine.dispose()
     click.echo(f"wrote {n:,} rows to {out}")
 
@@ -232,9 +232,11 @@ def verify(config_path: Path, as_json: bool) -> None:
     """
     cfg = _load(config_path)
     _ledger_for_reading(cfg).engine.dispose()
+    from migrator.audit import audit
+
     res = preflight(cfg)
     try:
-        result = audit_mod.audit(cfg, res)
+        result = audit(cfg, res)
     finally:
         res.close()
     if as_json:

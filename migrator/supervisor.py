@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import signal
 import time
 from dataclasses import dataclass
@@ -109,9 +110,19 @@ class _Stop:
         self.requested += 1
 
 
+def worker_context() -> Any:
+    """Workers fork from a fork server that has already imported the worker code, so starting
+    one takes milliseconds and inherits no threads, sockets or clients from the supervisor."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["migrator.worker"])
+    return ctx
+
+
 def run_job(cfg: Config, *, console: Console | None = None, quiet: bool = False) -> int:
     """``migrator run``: plan if needed, then process every stage until done; resumable."""
     console = console or Console(stderr=True)
+    ctx = worker_context()
+    multiprocessing.forkserver.ensure_running()  # starts while pre-flight and plan run
     res = preflight(cfg)
     try:
         res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
@@ -120,13 +131,12 @@ def run_job(cfg: Config, *, console: Console | None = None, quiet: bool = False)
         freed = res.ledger.reclaim_dead_local_leases()
         if freed:
             console.print(f"reclaimed {freed:,} rows leased by stopped processes", highlight=False)
-        return _supervise(cfg, res.ledger, console, quiet)
+        return _supervise(cfg, ctx, res.ledger, console, quiet)
     finally:
         res.close()
 
 
-def _supervise(cfg: Config, ledger: Ledger, console: Console, quiet: bool) -> int:
-    ctx = multiprocessing.get_context("spawn")
+def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: bool) -> int:
     stop_event = ctx.Event()
     stop = _Stop()
     old_int = signal.signal(signal.SIGINT, stop)

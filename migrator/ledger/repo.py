@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -116,6 +114,9 @@ def make_engine(url: str) -> Engine:
 
 def upgrade_schema(engine: Engine) -> None:
     """Create or upgrade the ledger tables to the newest Alembic revision."""
+    from alembic import command  # only the supervisor and CLI migrate; workers never do
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(ALEMBIC_DIR))
     with engine.begin() as conn:

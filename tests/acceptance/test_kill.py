@@ -1,0 +1,103 @@
+"""Acceptance: the CLI killed with SIGKILL (whole process group) at random moments, re-run,
+converges; after every kill, S3 and the app DB show nothing lost and no early delete (I1)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tests.helpers import assert_converged, invariant_violations, list_keys, make_job
+
+MIN_KILLS = 3
+MAX_ROUNDS = 10
+
+
+def start_run(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: we kill supervisor and workers at once
+    )
+
+
+def wait_for_progress(proc: subprocess.Popen[bytes], s3: Any, bucket: str, before: int) -> None:
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list_keys(s3, bucket)) > before:
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("db", "policy", "seed"),
+    [("sqlite", "per_chunk", 1), ("sqlite", "after_all", 2), ("postgres", "per_chunk", 3)],
+)
+def test_sigkill_at_random_moments_loses_nothing(
+    tmp_path: Path,
+    moto_s3: Any,
+    moto_endpoint: str,
+    request: pytest.FixtureRequest,
+    db: str,
+    policy: str,
+    seed: int,
+) -> None:
+    if db == "sqlite":
+        ledger, app = f"sqlite:///{tmp_path / 'ledger.db'}", f"sqlite:///{tmp_path / 'app.db'}"
+    else:
+        make = request.getfixturevalue("pg_database")
+        ledger, app = make("kledger"), make("kapp")
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=ledger,
+        app=app,
+        count=400,
+        size=512,
+        delete_source=policy,
+        chunk_size=8,
+        workers=2,
+        concurrency=2,
+    )
+    rng = random.Random(seed)
+    kills = 0
+    remaining_after_kill: list[int] = []
+    for round_ in range(MAX_ROUNDS):
+        before = len(list_keys(moto_s3, job.cfg.destination.bucket))
+        proc = start_run(job.config_path)
+        if round_ % 2 == 0:
+            time.sleep(rng.uniform(0.2, 3.0))  # anywhere: start-up, plan, first chunks
+        else:  # once work is under way: mid-copy, mid-rewrite, mid-delete
+            wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, before)
+            time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break  # finished before we could kill it
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+        problems = invariant_violations(job)
+        assert problems == [], f"after kill {kills}: {problems[:5]}"
+        remaining_after_kill.append(len(list_keys(moto_s3, job.cfg.source.bucket)))
+        print(f"kill {kills}: {remaining_after_kill[-1]} sources left")
+        if kills >= MIN_KILLS and rng.random() < 0.3:
+            break
+    assert kills >= MIN_KILLS, f"only {kills} kills landed; the job finished too fast"
+    if policy == "per_chunk":
+        # At least one kill hit the job midway: some sources deleted, others not yet.
+        assert any(0 < n < len(job.objects) for n in remaining_after_kill), remaining_after_kill
+    final = start_run(job.config_path)
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err.decode()[-2000:]
+    assert invariant_violations(job) == []
+    assert_converged(job)
