@@ -100,7 +100,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no upgrade deadlocks); readers don't.
+            readonly = conn.get_execution_options().get("migrator_readonly", False)
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
     return sa.create_engine(
@@ -164,6 +166,10 @@ class Ledger:
         self.engine = engine
         self.job = job
 
+    def _read(self) -> sa.Connection:
+        """A connection for queries that write nothing (no SQLite write lock)."""
+        return self.engine.connect().execution_options(migrator_readonly=True)
+
     # -- jobs -----------------------------------------------------------------------------
     def ensure_job(self, source: str, destination: str) -> None:
         with self.engine.begin() as conn:
@@ -179,7 +185,7 @@ class Ledger:
                 )
 
     def is_planned(self) -> bool:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             at = conn.execute(
                 sa.select(jobs.c.planned_at).where(jobs.c.name == self.job)
             ).scalar_one_or_none()
@@ -190,7 +196,7 @@ class Ledger:
             conn.execute(jobs.update().where(jobs.c.name == self.job).values(planned_at=utcnow()))
 
     def list_jobs(self) -> list[str]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return list(conn.execute(sa.select(jobs.c.name).order_by(jobs.c.name)).scalars())
 
     # -- plan -----------------------------------------------------------------------------
@@ -329,7 +335,7 @@ class Ledger:
     def reclaim_dead_local_leases(self) -> int:
         """Release leases of processes on this host that no longer exist (killed workers)."""
         host = socket.gethostname()
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             owners = list(
                 conn.execute(
                     sa.select(O.lease_owner)
@@ -442,12 +448,12 @@ class Ledger:
                 sa.func.coalesce(O.failed_stage, "") != Stage.DELETE.value,
             ),
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             hit = conn.execute(sa.select(O.id).where(O.job == self.job, blocking).limit(1)).first()
         return hit is None
 
     def any_in_states(self, states: Iterable[State]) -> bool:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             hit = conn.execute(
                 sa.select(O.id)
                 .where(O.job == self.job, O.state.in_([s.value for s in states]))
@@ -457,7 +463,7 @@ class Ledger:
 
     # -- reading --------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             got = dict(
                 conn.execute(
                     sa.select(O.state, sa.func.count()).where(O.job == self.job).group_by(O.state)
@@ -466,7 +472,7 @@ class Ledger:
         return {s.value: int(got.get(s.value, 0)) for s in State}
 
     def bytes_by_state(self) -> dict[str, int]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             got = dict(
                 conn.execute(
                     sa.select(O.state, sa.func.coalesce(sa.func.sum(O.size), 0))
@@ -477,7 +483,7 @@ class Ledger:
         return {s.value: int(got.get(s.value, 0)) for s in State}
 
     def recent_errors(self, limit: int = 5) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 sa.select(O.source_key, O.state, O.attempts, O.last_error, O.updated_at)
                 .where(O.job == self.job, O.last_error.is_not(None))
@@ -497,7 +503,7 @@ class Ledger:
 
     def finished_since(self, since: datetime) -> int:
         """Rows that reached their last state after ``since`` (for throughput)."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(
                 conn.execute(
                     sa.select(sa.func.count()).where(
@@ -518,7 +524,7 @@ class Ledger:
             q = sa.select(*cols).where(O.job == self.job, O.id > last)
             if states is not None:
                 q = q.where(O.state.in_([s.value for s in states]))
-            with self.engine.connect() as conn:
+            with self._read() as conn:
                 rows = [dict(r._mapping) for r in conn.execute(q.order_by(O.id).limit(batch))]
             if not rows:
                 return
