@@ -7,10 +7,11 @@ from config and are accepted only if reflection finds them; every value is a bou
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from migrator.config import AppDB as AppDBConfig
@@ -25,6 +26,11 @@ class AppDatabase:
 
     def __init__(self, cfg: AppDBConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
+        url = make_url(cfg.url)
+        file = url.database if url.get_backend_name() == "sqlite" else None
+        if file and file != ":memory:" and not Path(file).is_file():
+            # connecting would create an empty database file
+            raise PreflightError(f"app database file {file} does not exist; fix app_db.url")
         self.engine = engine or sa.create_engine(
             cfg.url, pool_pre_ping=True, pool_size=2, max_overflow=4
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy as sa
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.table import Table
@@ -20,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Config, load_config
 from migrator.errors import EXIT_INTERRUPTED, EXIT_USAGE, LedgerError, MigratorError, redact
-from migrator.ledger.repo import Ledger, open_ledger, utcnow
+from migrator.ledger.repo import Ledger, open_ledger, safe_url, upgrade_schema
 from migrator.progress import fmt_eta
 from migrator.supervisor import preflight, run_job, run_plan
 
@@ -77,7 +78,14 @@ def _ledger_for_reading(cfg: Config) -> Ledger:
         raise LedgerError(
             f"no ledger at {url.database}; run `migrator plan` or `migrator run` first"
         )
-    ledger = Ledger(open_ledger(cfg.ledger), cfg.job)
+    engine = open_ledger(cfg.ledger, upgrade=False)
+    if not sa.inspect(engine).has_table("migrator_jobs"):
+        engine.dispose()
+        raise LedgerError(
+            f"no ledger in {safe_url(cfg.ledger)}; run `migrator plan` or `migrator run` first"
+        )
+    upgrade_schema(engine)
+    ledger = Ledger(engine, cfg.job)
     if cfg.job not in ledger.list_jobs():
         raise LedgerError(f"job {cfg.job!r} is not in the ledger; run `migrator plan` first")
     return ledger
@@ -135,7 +143,7 @@ def run(config_path: Path, quiet: bool) -> None:
 def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     counts = ledger.counts()
     total = sum(counts.values())
-    rate = ledger.finished_since(utcnow() - timedelta(seconds=60)) / 60
+    rate = ledger.done_rate(timedelta(seconds=60))
     remaining = total - counts["done"] - counts["failed"]
     return {
         "job": cfg.job,

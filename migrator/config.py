@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from migrator.errors import ConfigError
+from migrator.errors import ConfigError, redact
 from migrator.keys import prefixes_overlap
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
@@ -73,7 +73,7 @@ class AppDB(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        _parse_db_url(v, ("sqlite", "postgresql", "mysql", "mariadb"))
+        _parse_db_url(v, ("sqlite", "postgresql"))
         return v
 
 
@@ -134,7 +134,7 @@ class Config(_Strict):
 def _parse_db_url(value: str, backends: tuple[str, ...]) -> URL:
     try:
         url = make_url(value)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise ValueError(
             "is not a database URL; use e.g. sqlite:///migrator.db or "
             "postgresql+psycopg2://user@host/db"
@@ -181,7 +181,7 @@ def format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key{hint}"
         elif e["type"] == "missing":
             msg = "is required"
-        lines.append(f"{source}: {where}: {msg}")
+        lines.append(redact(f"{source}: {where}: {msg}"))
     return "\n".join(lines)
 
 
@@ -229,7 +229,7 @@ def _anchor_sqlite(value: Any, base: Path) -> Any:
         return value
     try:
         url = make_url(value)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return value
     if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
         return value

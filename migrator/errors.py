@@ -44,7 +44,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]+):([^@\s/]+)@")
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):([^@\s/]+)@")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 

@@ -9,7 +9,6 @@ already be gone.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ class ChunkContext:
     dest_client: Any
     appdb: AppDatabase | None
     pool: ThreadPoolExecutor
-    stop: threading.Event
+    stop: Any  # has is_set(): the worker's StopFlag
 
 
 @dataclass(frozen=True)
@@ -119,15 +118,16 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     ready = [r for r in rows if r.state is State.COPIED]
     outcomes = list(ctx.pool.map(lambda r: copy_one(ctx, r), pending))
     copied = [o for o in outcomes if o.dest_etag is not None]
-    ctx.ledger.record_copied(ctx.owner, [(o.row.id, o.dest_etag or "") for o in copied])
+    held = ctx.ledger.record_copied(ctx.owner, [(o.row.id, o.dest_etag or "") for o in copied])
     for o in outcomes:
         if o.replan is not None:
             ctx.ledger.replan_row(
                 ctx.owner,
-                o.row.id,
+                o.row,
                 o.replan.etag,
                 o.replan.size,
                 "source changed after plan (ETag differs); re-planned with the new version",
+                ctx.cfg.max_attempts,
             )
     _record_errors(ctx, [o for o in outcomes if o.error and not o.permanent], Stage.COPY)
     _record_errors(ctx, [o for o in outcomes if o.error and o.permanent], Stage.COPY, True)
@@ -135,7 +135,9 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     if skipped:
         ctx.ledger.release(ctx.owner, skipped)
     return ready + [
-        dataclasses.replace(o.row, state=State.COPIED, dest_etag=o.dest_etag) for o in copied
+        dataclasses.replace(o.row, state=State.COPIED, dest_etag=o.dest_etag)
+        for o in copied
+        if o.row.id in held  # a row whose lease was lost goes no further here
     ]
 
 
@@ -169,13 +171,15 @@ def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRo
             )
             return []
     final = State.DONE if ctx.cfg.delete_source == "never" else State.REWRITTEN
-    ctx.ledger.record_state(ctx.owner, [r.id for r in copied], final)
-    return [dataclasses.replace(r, state=final) for r in copied]
+    held = ctx.ledger.record_state(ctx.owner, [r.id for r in copied], final)
+    return [dataclasses.replace(r, state=final) for r in copied if r.id in held]
 
 
 def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     """Delete the sources of rewritten rows, ≤ 1,000 per request, after re-checking I1."""
     todo = [r for r in rows if r.state is State.REWRITTEN]
+    held = ctx.ledger.held_in_state(ctx.owner, [r.id for r in todo], State.REWRITTEN)
+    todo = [r for r in todo if r.id in held]  # lost leases or re-planned rows are not ours
     if not todo:
         return []
     if ctx.appdb is not None:

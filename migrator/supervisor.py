@@ -3,6 +3,7 @@ show progress, stop cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -145,16 +146,19 @@ def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: b
     procs: dict[str, Any] = {}
     serial = [0]
 
+    owners: list[str] = []
+
     def start_worker() -> None:
         serial[0] += 1
-        owner = lease_owner_id(serial[0])
         p = ctx.Process(
             target=worker_main,
-            args=(cfg, owner, stop_event, level),
+            args=(cfg, serial[0], stop_event, level),
             name=f"migrator-worker-{serial[0]}",
         )
         p.start()
+        owner = lease_owner_id(serial[0], p.pid)  # the id the worker gives itself
         procs[owner] = p
+        owners.append(owner)
 
     display = RunDisplay(cfg, console, quiet=quiet)
     restarts = 0
@@ -195,6 +199,9 @@ def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: b
         signal.signal(signal.SIGTERM, old_term)
         for p in procs.values():
             p.join(timeout=30)
+        for owner in owners:  # workers release their rows; these are the ones that could not
+            with contextlib.suppress(SQLAlchemyError):
+                ledger.release(owner)
     counts = ledger.counts()
     snap = Snapshot.from_counts(counts)
     display.plain(snap, f"failed {snap.failed}")

@@ -18,7 +18,7 @@ from migrator import stages
 from migrator.appdb import AppDatabase
 from migrator.config import Config
 from migrator.errors import MigratorError, redact
-from migrator.ledger.repo import Ledger, ObjectRow, open_ledger
+from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.storage.s3 import ClientFactory
 
@@ -70,9 +70,21 @@ class _Heartbeat(threading.Thread):
                 log.warning("heartbeat failed: %s", redact(str(exc).splitlines()[0]))
 
 
+class StopFlag:
+    """Set when the supervisor asks us to stop or has gone away; checked before every request,
+    so Ctrl-C waits only for the requests already in flight."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.parent = os.getppid()
+
+    def is_set(self) -> bool:
+        return self.event.is_set() or os.getppid() != self.parent
+
+
 def run_worker(cfg: Config, owner: str, stop: Any) -> int:
     """The worker loop; returns the process exit code."""
-    local_stop = threading.Event()
+    local_stop = StopFlag(stop)
     engine = open_ledger(cfg.ledger, upgrade=False)
     ledger = Ledger(engine, cfg.job)
     pool_size = cfg.concurrency + 4
@@ -86,7 +98,6 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
     appdb = AppDatabase(cfg.app_db) if cfg.app_db else None
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     heartbeat.start()
-    parent = os.getppid()
     errors = 0
     with ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="s3") as pool:
         ctx = stages.ChunkContext(
@@ -94,8 +105,7 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
         )
         try:
             while True:
-                if stop.is_set() or os.getppid() != parent:
-                    local_stop.set()
+                if local_stop.is_set():
                     break
                 try:
                     states = claim_states(cfg, ledger)
@@ -128,9 +138,10 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
     return 0
 
 
-def worker_main(cfg: Config, owner: str, stop: Any, log_level: int) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(cfg: Config, serial: int, stop: Any, log_level: int) -> None:
+    """Entry point of a worker process; its lease owner id carries its own PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor tells us to stop
+    owner = lease_owner_id(serial)
     logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(message)s")
     try:
         code = run_worker(cfg, owner, stop)

@@ -90,10 +90,30 @@ def seed_app_db(cfg: Config, objects: list[SeedObject], replace: bool) -> int:
     return len(rows)
 
 
-@click.command()
-@click.option("--config", "config_path", default="config.yaml", type=click.Path(path_type=Path))
-@click.option("--objects", "count", default=2000, show_default=True, type=click.IntRange(0))
-@click.option("--size", default=2048, show_default=True, type=click.IntRange(0, 64 * 2**20))
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    default="config.yaml",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="The job's config: buckets, prefixes and app_db to fill.",
+)
+@click.option(
+    "--objects",
+    "count",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Objects to create under the source prefix.",
+)
+@click.option(
+    "--size",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(0, 64 * 2**20),
+    help="Bytes per object.",
+)
 @click.option("--replace", is_flag=True, help="Drop and recreate a non-empty app table.")
 def main(config_path: Path, count: int, size: int, replace: bool) -> None:
     """Create buckets, COUNT objects of SIZE bytes under the source prefix, and the app table.

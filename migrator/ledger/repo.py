@@ -144,9 +144,10 @@ def open_ledger(url: str, *, upgrade: bool = True) -> Engine:
     return engine
 
 
-def lease_owner_id(worker: int) -> str:
-    """``host:pid:worker``: lets a supervisor on the same host see that an owner died."""
-    return f"{socket.gethostname()}:{os.getpid()}:{worker}"
+def lease_owner_id(worker: int, pid: int | None = None) -> str:
+    """``host:pid:worker`` of a worker process: lets a run on the same host see that the
+    owner of a lease is dead and free its rows at once instead of waiting for expiry."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{worker}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -224,7 +225,7 @@ class Ledger:
             ]
             if new:
                 conn.execute(
-                    objects.insert(),
+                    _insert_ignoring_duplicates(conn),
                     [
                         {
                             "job": self.job,
@@ -254,6 +255,8 @@ class Ledger:
                         failed_stage=None,
                         last_error=None,
                         dest_etag=None,
+                        lease_owner=None,  # a worker holding the old version records nothing
+                        lease_expires=None,
                         updated_at=now,
                     ),
                     [
@@ -268,23 +271,33 @@ class Ledger:
                 )
         return PlanResult(len(new), len(changed), len(page) - len(new) - len(changed))
 
-    def replan_row(self, owner: str, row_id: int, etag: str, size: int, note: str) -> None:
-        """The source changed under us: take its new ETag and size and copy it afresh."""
+    def replan_row(
+        self, owner: str, row: ObjectRow, etag: str, size: int, note: str, max_attempts: int
+    ) -> None:
+        """The source changed under us: take its new ETag and size and copy it afresh. This
+        counts as an attempt, so a source that never stops changing ends ``failed``."""
         with self.engine.begin() as conn:
-            conn.execute(
+            done = conn.execute(
                 objects.update()
-                .where(O.id == row_id, O.lease_owner == owner)
+                .where(O.id == row.id, O.lease_owner == owner)
                 .values(
                     etag=etag,
                     size=size,
                     state=State.PENDING.value,
                     dest_etag=None,
+                    attempts=O.attempts + 1,
                     last_error=note,
                     lease_owner=None,
                     lease_expires=None,
                     updated_at=utcnow(),
                 )
-            )
+            ).rowcount
+            if done:
+                conn.execute(
+                    objects.update()
+                    .where(O.id == row.id, O.attempts >= max_attempts)
+                    .values(state=State.FAILED.value, failed_stage=Stage.COPY.value)
+                )
 
     # -- claims and leases ----------------------------------------------------------------
     def claim(
@@ -351,32 +364,61 @@ class Ledger:
         return freed
 
     # -- stage results ----------------------------------------------------------------------
-    def record_copied(self, owner: str, results: Sequence[tuple[int, str]]) -> None:
-        """Copies verified: ``(row id, destination ETag)``."""
-        if not results:
-            return
-        with self.engine.begin() as conn:
+    def _held(self, conn: sa.Connection, owner: str, ids: Sequence[int]) -> list[int]:
+        """Which of ``ids`` the owner still holds (inside the caller's transaction)."""
+        return list(
             conn.execute(
-                objects.update()
-                .where(O.id == sa.bindparam("b_id"), O.lease_owner == owner)
-                .values(
-                    state=State.COPIED.value,
-                    dest_etag=sa.bindparam("b_etag"),
-                    last_error=None,
-                    updated_at=utcnow(),
-                ),
-                [{"b_id": i, "b_etag": e} for i, e in results],
+                sa.select(O.id).where(O.id.in_(list(ids)), O.lease_owner == owner)
+            ).scalars()
+        )
+
+    def held_in_state(self, owner: str, ids: Sequence[int], state: State) -> set[int]:
+        """Rows of ``ids`` the owner still holds in ``state`` (checked right before a delete)."""
+        if not ids:
+            return set()
+        with self._read() as conn:
+            return set(
+                conn.execute(
+                    sa.select(O.id).where(
+                        O.id.in_(list(ids)), O.lease_owner == owner, O.state == state.value
+                    )
+                ).scalars()
             )
 
-    def record_state(self, owner: str, ids: Sequence[int], state: State) -> None:
-        """Move rows the owner holds to ``state`` (rewritten or done)."""
-        if not ids:
-            return
+    def record_copied(self, owner: str, results: Sequence[tuple[int, str]]) -> set[int]:
+        """Copies verified: ``(row id, destination ETag)``. Returns the ids recorded: a row
+        whose lease was lost (re-planned, taken over) is not, and must not go further."""
+        if not results:
+            return set()
         with self.engine.begin() as conn:
-            conn.execute(
-                objects.update()
-                .where(O.id.in_(list(ids)), O.lease_owner == owner)
-                .values(state=state.value, last_error=None, updated_at=utcnow())
+            held = set(self._held(conn, owner, [i for i, _ in results]))
+            mine = [(i, e) for i, e in results if i in held]
+            if mine:
+                conn.execute(
+                    objects.update()
+                    .where(O.id == sa.bindparam("b_id"))
+                    .values(
+                        state=State.COPIED.value,
+                        dest_etag=sa.bindparam("b_etag"),
+                        last_error=None,
+                        updated_at=utcnow(),
+                    ),
+                    [{"b_id": i, "b_etag": e} for i, e in mine],
+                )
+        return held
+
+    def record_state(self, owner: str, ids: Sequence[int], state: State) -> set[int]:
+        """Move rows the owner holds to ``state`` (rewritten or done); returns those moved."""
+        if not ids:
+            return set()
+        with self.engine.begin() as conn:
+            return set(
+                conn.execute(
+                    objects.update()
+                    .where(O.id.in_(list(ids)), O.lease_owner == owner)
+                    .values(state=state.value, last_error=None, updated_at=utcnow())
+                    .returning(O.id)
+                ).scalars()
             )
 
     def record_failures(
@@ -396,11 +438,14 @@ class Ledger:
         if not failures:
             return
         now = utcnow()
-        ids = [r.id for r, _ in failures]
         with self.engine.begin() as conn:
+            held = set(self._held(conn, owner, [r.id for r, _ in failures]))
+            mine = [(r, e) for r, e in failures if r.id in held]
+            if not mine:
+                return
             conn.execute(
                 objects.update()
-                .where(O.id == sa.bindparam("b_id"), O.lease_owner == owner)
+                .where(O.id == sa.bindparam("b_id"))
                 .values(
                     attempts=O.attempts + 1,
                     last_error=sa.bindparam("b_err"),
@@ -410,15 +455,12 @@ class Ledger:
                 ),
                 [
                     {"b_id": r.id, "b_err": e[:2000], "b_backoff": now + _backoff(r.attempts)}
-                    for r, e in failures
+                    for r, e in mine
                 ],
             )
-            cond = O.attempts >= max_attempts
-            if permanent:
-                cond = sa.true()
             conn.execute(
                 objects.update()
-                .where(O.id.in_(ids), O.lease_owner.is_(None), cond)
+                .where(O.id.in_(list(held)), sa.true() if permanent else O.attempts >= max_attempts)
                 .values(state=State.FAILED.value, failed_stage=stage.value, lease_expires=None)
             )
 
@@ -501,18 +543,21 @@ class Ledger:
             for r in rows
         ]
 
-    def finished_since(self, since: datetime) -> int:
-        """Rows that reached their last state after ``since`` (for throughput)."""
+    def done_rate(self, window: timedelta) -> float:
+        """Objects finished per second over the last ``window`` (or since the first of them,
+        when the run is younger than the window)."""
+        now = utcnow()
         with self._read() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count()).where(
-                        O.job == self.job,
-                        O.state == State.DONE.value,
-                        O.updated_at >= since,
-                    )
-                ).scalar_one()
-            )
+            n, first = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(O.updated_at)).where(
+                    O.job == self.job,
+                    O.state == State.DONE.value,
+                    O.updated_at >= now - window,
+                )
+            ).one()
+        if not n or first is None:
+            return 0.0
+        return n / max((now - first).total_seconds(), 1.0)
 
     def iter_rows(
         self, states: Iterable[State] | None = None, batch: int = 1000
@@ -530,6 +575,15 @@ class Ledger:
                 return
             yield rows
             last = rows[-1]["id"]
+
+
+def _insert_ignoring_duplicates(conn: sa.Connection) -> Any:
+    """INSERT that skips rows another planner inserted first (two hosts planning at once)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(objects).on_conflict_do_nothing(index_elements=["job", "source_key"])
 
 
 def _backoff(attempts: int) -> timedelta:

@@ -1,0 +1,501 @@
+"""config.yaml validation: every problem is one clear line, and no password ever shows."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from migrator.config import ENV_APP_DB_URL, ENV_LEDGER, Config, load_config
+from migrator.errors import ConfigError, redact
+
+PASSWORD = "s3cretpw"
+PG_WITH_PASSWORD = f"postgresql+psycopg2://u:{PASSWORD}@db.example.com/app"
+
+
+def base() -> dict[str, Any]:
+    """A valid configuration; each case breaks one thing."""
+    return {
+        "job": "avatars",
+        "ledger": "sqlite:///migrator.db",
+        "source": {"bucket": "legacy", "prefix": "image/", "endpoint_url": "http://127.0.0.1:5000"},
+        "destination": {
+            "bucket": "production",
+            "prefix": "avatar/",
+            "endpoint_url": "http://127.0.0.1:5000",
+        },
+        "app_db": {"url": "sqlite:///app.db", "table": "avatars", "column": "path"},
+        "workers": 4,
+        "concurrency": 16,
+        "chunk_size": 500,
+        "delete_source": "after_all",
+    }
+
+
+def write(tmp_path: Path, data: dict[str, Any] | None = None, text: str | None = None) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False) if text is None else text)
+    return path
+
+
+def problems(path: Path, env: dict[str, str] | None = None) -> list[str]:
+    """The lines of the ConfigError that loading ``path`` must raise."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={} if env is None else env)
+    message = str(info.value)
+    assert message.strip() == message and message, "message is empty or padded"
+    lines = message.split("\n")
+    for line in lines:
+        assert line.strip(), f"blank line in {message!r}"
+        assert "Traceback" not in line and "errors.pydantic.dev" not in line
+        assert len(line) < 400, f"line too long to be clear: {line!r}"
+    assert info.value.exit_code == 2
+    return lines
+
+
+def mutated(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    data = copy.deepcopy(base())
+    change(data)
+    return data
+
+
+def test_the_base_config_is_valid(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, base()), env={})
+    assert isinstance(cfg, Config)
+    assert cfg.job == "avatars" and cfg.source.bucket == "legacy"
+    assert cfg.destination.prefix == "avatar/" and cfg.delete_source == "after_all"
+    assert cfg.app_db is not None and cfg.app_db.column == "path"
+
+
+def test_defaults_for_optional_keys(tmp_path: Path) -> None:
+    data = {
+        "job": "j",
+        "source": {"bucket": "legacy", "prefix": "image/"},
+        "destination": {"bucket": "production", "prefix": "avatar/"},
+    }
+    cfg = load_config(write(tmp_path, data), env={})
+    assert (cfg.workers, cfg.concurrency, cfg.chunk_size) == (4, 16, 500)
+    assert cfg.delete_source == "after_all" and cfg.app_db is None
+    assert cfg.source.endpoint_url is None and cfg.source.profile is None
+    assert cfg.ledger == f"sqlite:///{(tmp_path / 'migrator.db').resolve()}"
+
+
+# -- the file itself -----------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path / "nope.yaml")
+    assert "nope.yaml" in line and "not found" in line and "--config" in line
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    (line,) = problems(tmp_path)
+    assert "not found" in line
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    text = "job: avatars\nsource:\n  bucket: legacy\n  prefix: [image/\n"
+    (line,) = problems(write(tmp_path, text=text))
+    assert "YAML syntax error" in line
+    assert "at line 5, column 1" in line  # the unclosed flow sequence ends at end of file
+    assert line.startswith(str(tmp_path / "config.yaml"))
+
+
+def test_yaml_tab_indentation(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, text="job: avatars\n\tsource: x\n"))
+    assert "YAML syntax error at line 2, column 1" in line
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"job: \xff\xfe avatars\n")
+    (line,) = problems(path)
+    assert "UTF-8" in line
+
+
+@pytest.mark.parametrize("text", ["- job\n- source\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
+    (line,) = problems(write(tmp_path, text=text))
+    assert "expected a mapping" in line
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_empty_file_lists_each_required_key(tmp_path: Path, text: str) -> None:
+    lines = problems(write(tmp_path, text=text))
+    assert len(lines) == 3
+    assert [line.split(": ")[1] for line in lines] == ["job", "source", "destination"]
+    assert all(line.endswith(": is required") for line in lines)
+
+
+@pytest.mark.parametrize("key", ["job", "source", "destination"])
+def test_missing_required_key(tmp_path: Path, key: str) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d.pop(key))))
+    assert line.endswith(f": {key}: is required")
+
+
+def test_missing_nested_bucket(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d["destination"].pop("bucket"))))
+    assert line.endswith(": destination.bucket: is required")
+
+
+def test_missing_app_db_column(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d["app_db"].pop("column"))))
+    assert line.endswith(": app_db.column: is required")
+
+
+# -- unknown keys and credentials ----------------------------------------------------------
+
+
+def test_unknown_key_suggests_workers(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d.update(worker=3))))
+    assert ": worker: unknown key (did you mean 'workers'?)" in line
+
+
+def test_misspelled_section_suggests_source(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["sourec"] = d.pop("source")
+
+    lines = problems(write(tmp_path, mutated(change)))
+    assert len(lines) == 2  # the misspelt key, and the missing section it should have been
+    assert any("sourec: unknown key (did you mean 'source'?)" in line for line in lines)
+    assert any(line.endswith(": source: is required") for line in lines)
+
+
+def test_nested_unknown_key_suggests_bucket(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d["source"].update(bucktet="x"))))
+    assert "source.bucktet: unknown key (did you mean 'bucket'?)" in line
+
+
+def test_unknown_key_without_a_close_match_has_no_suggestion(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, mutated(lambda d: d.update(colour="blue"))))
+    assert line.endswith(": colour: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("source", "aws_secret_access_key"),
+        ("destination", "aws_access_key_id"),
+        ("source", "aws_session_token"),
+        (None, "secret_key"),
+        ("app_db", "password"),
+    ],
+)
+def test_credentials_in_config_are_rejected(tmp_path: Path, section: str | None, key: str) -> None:
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+    def change(d: dict[str, Any]) -> None:
+        (d[section] if section else d)[key] = secret
+
+    (line,) = problems(write(tmp_path, mutated(change)))
+    where = f"{section}.{key}" if section else key
+    assert f": {where}: unknown key" in line
+    assert "credentials never go in config.yaml" in line and "AWS credential chain" in line
+    assert secret not in line
+
+
+# -- values --------------------------------------------------------------------------------
+
+VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    ("workers-string", lambda d: d.update(workers="many"), "workers", "valid integer"),
+    ("workers-0", lambda d: d.update(workers=0), "workers", "greater than or equal to 1"),
+    ("workers-1000", lambda d: d.update(workers=1000), "workers", "less than or equal to 64"),
+    ("workers-float", lambda d: d.update(workers=2.5), "workers", "integer"),
+    ("concurrency-0", lambda d: d.update(concurrency=0), "concurrency", "greater than or equal"),
+    ("chunk-0", lambda d: d.update(chunk_size=0), "chunk_size", "greater than or equal to 1"),
+    ("chunk-neg", lambda d: d.update(chunk_size=-5), "chunk_size", "greater than or equal"),
+    (
+        "bucket-upper",
+        lambda d: d["source"].update(bucket="Legacy_Bucket"),
+        "source.bucket",
+        "not a valid S3 bucket name",
+    ),
+    (
+        "bucket-short",
+        lambda d: d["destination"].update(bucket="ab"),
+        "destination.bucket",
+        "not a valid S3 bucket name",
+    ),
+    (
+        "endpoint-scheme",
+        lambda d: d["source"].update(endpoint_url="ftp://127.0.0.1:5000"),
+        "source.endpoint_url",
+        "not an http(s) URL",
+    ),
+    (
+        "endpoint-bare",
+        lambda d: d["destination"].update(endpoint_url="localhost:9000"),
+        "destination.endpoint_url",
+        "not an http(s) URL",
+    ),
+    ("ledger-garbage", lambda d: d.update(ledger="not a url"), "ledger", "not a database URL"),
+    (
+        "ledger-mysql",
+        lambda d: d.update(ledger="mysql+pymysql://u@127.0.0.1/ledger"),
+        "ledger",
+        "'mysql' is not supported here; use one of sqlite, postgresql",
+    ),
+    (
+        "app-db-oracle",
+        lambda d: d["app_db"].update(url="oracle://u@h/app"),
+        "app_db.url",
+        "'oracle' is not supported",
+    ),
+    (
+        "app-db-empty-table",
+        lambda d: d["app_db"].update(table=""),
+        "app_db.table",
+        "at least 1 character",
+    ),
+    (
+        "delete-source",
+        lambda d: d.update(delete_source="sometimes"),
+        "delete_source",
+        "'after_all', 'per_chunk' or 'never'",
+    ),
+    ("job-name", lambda d: d.update(job="my job!"), "job", "letters, digits"),
+    ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
+    ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "says"),
+    [pytest.param(c, w, s, id=i) for i, c, w, s in VALUE_CASES],
+)
+def test_bad_value(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], where: str, says: str
+) -> None:
+    (line,) = problems(write(tmp_path, mutated(change)))
+    assert line.startswith(f"{tmp_path / 'config.yaml'}: {where}: "), line
+    assert says in line
+
+
+@pytest.mark.parametrize("where", ["ledger", "app_db.url", "env"])
+def test_url_with_a_non_numeric_port_is_a_config_error(tmp_path: Path, where: str) -> None:
+    """SQLAlchemy's make_url raises ValueError (not ArgumentError) for ``host:port``."""
+    url = "postgresql+psycopg2://postgres@127.0.0.1:fivefourthreetwo/db"
+    data = base()
+    env: dict[str, str] = {}
+    if where == "ledger":
+        data["ledger"] = url
+    elif where == "app_db.url":
+        data["app_db"]["url"] = url
+    else:
+        env[ENV_LEDGER] = url
+    (line,) = problems(write(tmp_path, data), env=env)
+    assert f": {'ledger' if where == 'env' else where}: " in line
+
+
+def test_several_problems_give_one_line_each(tmp_path: Path) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d.update(workers=0, concurrency="lots", delete_source="maybe", worker=2)
+        d["source"]["bucket"] = "UPPER"
+
+    lines = problems(write(tmp_path, mutated(change)))
+    wheres = sorted(line.split(": ")[1] for line in lines)
+    assert wheres == ["concurrency", "delete_source", "source.bucket", "worker", "workers"]
+
+
+# -- prefixes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        ("image/", "image/avatar/"),  # destination inside source
+        ("image/avatar/", "image/"),  # source inside destination
+        ("image/", "image/"),
+        ("", "avatar/"),  # the whole bucket
+    ],
+)
+def test_overlapping_prefixes_on_the_same_bucket(tmp_path: Path, src: str, dst: str) -> None:
+    def change(d: dict[str, Any]) -> None:
+        d["source"]["prefix"] = src
+        d["destination"].update(bucket="legacy", prefix=dst)
+
+    (line,) = problems(write(tmp_path, mutated(change)))
+    assert "overlaps source prefix" in line and "'legacy'" in line
+    assert repr(src) in line and repr(dst) in line
+
+
+def test_same_prefix_on_different_buckets_is_fine(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, mutated(lambda d: d["destination"].update(prefix="image/"))), env={}
+    )
+    assert cfg.source.prefix == cfg.destination.prefix == "image/"
+
+
+def test_disjoint_prefixes_on_the_same_bucket_are_fine(tmp_path: Path) -> None:
+    data = mutated(lambda d: d["destination"].update(bucket="legacy", prefix="avatar/"))
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.source.bucket == cfg.destination.bucket == "legacy"
+
+
+# -- environment overrides -----------------------------------------------------------------
+
+
+def test_env_overrides_ledger(tmp_path: Path) -> None:
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/ledger"
+    cfg = load_config(write(tmp_path, base()), env={ENV_LEDGER: url})
+    assert cfg.ledger == url
+
+
+def test_env_overrides_app_db_url_and_keeps_table_and_column(tmp_path: Path) -> None:
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/app"
+    cfg = load_config(write(tmp_path, base()), env={ENV_APP_DB_URL: url})
+    assert cfg.app_db is not None
+    assert (cfg.app_db.url, cfg.app_db.table, cfg.app_db.column) == (url, "avatars", "path")
+
+
+def test_empty_env_values_do_not_override(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, base()), env={ENV_LEDGER: "", ENV_APP_DB_URL: ""})
+    assert cfg.ledger.endswith("/migrator.db")
+    assert cfg.app_db is not None and cfg.app_db.url.endswith("/app.db")
+
+
+def test_env_app_db_url_without_app_db_section(tmp_path: Path) -> None:
+    path = write(tmp_path, mutated(lambda d: d.pop("app_db")))
+    (line,) = problems(path, env={ENV_APP_DB_URL: "sqlite:///app.db"})
+    assert ENV_APP_DB_URL in line and "no app_db section" in line
+
+
+def test_bad_env_ledger_is_reported_as_ledger(tmp_path: Path) -> None:
+    (line,) = problems(write(tmp_path, base()), env={ENV_LEDGER: "mysql://u@h/db"})
+    assert ": ledger: " in line and "'mysql' is not supported" in line
+
+
+def test_load_config_reads_os_environ_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/from_env"
+    monkeypatch.setenv(ENV_LEDGER, url)
+    monkeypatch.delenv(ENV_APP_DB_URL, raising=False)
+    assert load_config(write(tmp_path, base())).ledger == url
+
+
+# -- relative SQLite paths -----------------------------------------------------------------
+
+
+def test_relative_sqlite_paths_are_anchored_at_the_config_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = mutated(lambda d: d.update(ledger="sqlite:///state/ledger.db"))
+    path = conf_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(Path("..") / "conf" / "config.yaml", env={})
+    assert cfg.ledger == f"sqlite:///{(conf_dir / 'state' / 'ledger.db').resolve()}"
+    assert cfg.app_db is not None
+    assert cfg.app_db.url == f"sqlite:///{(conf_dir / 'app.db').resolve()}"
+    assert cfg.ledger_url.database == str((conf_dir / "state" / "ledger.db").resolve())
+
+
+@pytest.mark.parametrize("ledger", ["sqlite:////var/lib/migrator/l.db", "sqlite://"])
+def test_absolute_and_memory_sqlite_urls_are_kept(tmp_path: Path, ledger: str) -> None:
+    cfg = load_config(write(tmp_path, mutated(lambda d: d.update(ledger=ledger))), env={})
+    assert cfg.ledger == ledger
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+SECRET_CASES: list[tuple[str, Callable[[dict[str, Any]], None], dict[str, str]]] = [
+    (
+        "app-db-url-and-bad-workers",
+        lambda d: d.update(workers=0, app_db={**d["app_db"], "url": PG_WITH_PASSWORD}),
+        {},
+    ),
+    (
+        "app-db-url-and-unknown-key",
+        lambda d: d["app_db"].update(url=PG_WITH_PASSWORD, colum="path"),
+        {},
+    ),
+    (
+        "unsupported-ledger-with-password",
+        lambda d: d.update(ledger=f"mysql://root:{PASSWORD}@h/ledger"),
+        {},
+    ),
+    (
+        "unsupported-app-db-with-password",
+        lambda d: d["app_db"].update(url=f"oracle://scott:{PASSWORD}@h/orcl"),
+        {},
+    ),
+    (
+        "env-ledger-with-password-and-bad-bucket",
+        lambda d: d["source"].update(bucket="Bad_Bucket"),
+        {ENV_LEDGER: f"postgresql+psycopg2://u:{PASSWORD}@h/ledger"},
+    ),
+    (
+        "env-app-db-url-without-app-db-section",
+        lambda d: d.pop("app_db"),
+        {ENV_APP_DB_URL: PG_WITH_PASSWORD},
+    ),
+    (
+        "ledger-port-not-a-number",
+        lambda d: d.update(ledger=f"postgresql+psycopg2://u:{PASSWORD}@h:port/ledger"),
+        {},
+    ),
+    (
+        "endpoint-url-with-userinfo",
+        lambda d: d["source"].update(endpoint_url=f"ftp://admin:{PASSWORD}@minio:9000"),
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "env"), [pytest.param(c, e, id=i) for i, c, e in SECRET_CASES])
+def test_no_password_in_config_errors(
+    tmp_path: Path, change: Callable[[dict[str, Any]], None], env: dict[str, str]
+) -> None:
+    lines = problems(write(tmp_path, mutated(change)), env=env)
+    for line in lines:
+        assert PASSWORD not in line, line
+
+
+# -- redact --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"could not connect to {PG_WITH_PASSWORD}: timeout",
+            "could not connect to postgresql+psycopg2://u:***@db.example.com/app: timeout",
+        ),
+        (
+            "mysql://root:pa%40ss@h/db and postgresql://x:y2@h2:5432/d",
+            "mysql://root:***@h/db and postgresql://x:***@h2:5432/d",
+        ),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),  # nothing to hide
+        ("http://127.0.0.1:9000/bucket/key", "http://127.0.0.1:9000/bucket/key"),
+        ("plain text, no URL", "plain text, no URL"),
+    ],
+)
+def test_redact_masks_url_passwords(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    "name", ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"]
+)
+def test_redact_masks_aws_credentials_from_the_environment(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    value = f"{name.lower()}-VALUE-1234567890"
+    monkeypatch.setenv(name, value)
+    out = redact(f"signature failed for {value} (again: {value})")
+    assert value not in out
+    assert out == "signature failed for *** (again: ***)"
+
+
+def test_redact_leaves_very_short_env_values_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")  # masking "x" would garble every message
+    assert redact("x marks the spot") == "x marks the spot"
