@@ -559,6 +559,21 @@ class Ledger:
             return 0.0
         return n / max((now - first).total_seconds(), 1.0)
 
+    def iter_sorted(self, column: str, states: Iterable[State]) -> Iterator[dict[str, Any]]:
+        """Rows in ``states`` ordered by ``column`` (a key) in byte order, as S3 lists keys;
+        streamed with a server-side cursor, so memory stays flat."""
+        col = O[column]
+        if self.engine.dialect.name == "postgresql":
+            col = col.collate("C")
+        q = (
+            sa.select(*[c for c in objects.c if c.name not in ("lease_owner", "lease_expires")])
+            .where(O.job == self.job, O.state.in_([s.value for s in states]))
+            .order_by(col)
+        )
+        with self._read() as conn:
+            for r in conn.execution_options(stream_results=True, yield_per=1000).execute(q):
+                yield dict(r._mapping)
+
     def iter_rows(
         self, states: Iterable[State] | None = None, batch: int = 1000
     ) -> Iterator[list[dict[str, Any]]]:

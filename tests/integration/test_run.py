@@ -157,6 +157,10 @@ def test_awkward_keys_round_trip(
     assert job.bodies["image/with space/a b.png"] == b""  # index 0: a zero-byte object
     assert run_job(job.cfg, console=quiet_console()) == 0
     assert_converged(job)
+    # The audit merges S3 listings (byte order) with the ledger sorted the same way.
+    proc = run_cli("verify", "--json", "--config", str(job.config_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["checked"] == len(WEIRD_KEYS)
 
 
 def test_failed_rows_block_after_all_deletes_and_retry_failed_recovers(
