@@ -56,10 +56,6 @@ class RateMeter:
         (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
         return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def eta(self, remaining: int) -> float | None:
-        r = self.rate()
-        return remaining / r if r > 0 else None
-
 
 def fmt_eta(seconds: float | None) -> str:
     if seconds is None:
@@ -75,9 +71,10 @@ class RunDisplay:
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         self.quiet = quiet
-        self.meter = RateMeter()
+        self.copy_meter = RateMeter()
+        self.done_meter = RateMeter()
         self.live = self.console.is_terminal and not quiet
-        self.last_plain = 0.0
+        self.last_plain = -PLAIN_INTERVAL
         self.progress: Progress | None = None
         self.tasks: dict[str, int] = {}
 
@@ -106,10 +103,17 @@ class RunDisplay:
             self.tasks[name] = self.progress.add_task(name, total=None, info="")
         self.progress.start()
 
-    def update(self, snap: Snapshot, workers_alive: int) -> None:
-        self.meter.add(snap.done)
-        rate = self.meter.rate()
-        eta = fmt_eta(self.meter.eta(snap.total - snap.done - snap.failed))
+    def update(self, snap: Snapshot, workers_alive: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.copy_meter.add(snap.copied, now)
+        self.done_meter.add(snap.done, now)
+        # The rate of the stage doing the bulk of the work: copies until every object is
+        # copied (under after_all nothing is done before then), then finished objects.
+        if snap.copied + snap.failed < snap.total:
+            rate, left = self.copy_meter.rate(), snap.total - snap.copied - snap.failed
+        else:
+            rate, left = self.done_meter.rate(), snap.total - snap.done - snap.failed
+        eta = fmt_eta(left / rate if rate > 0 else None)
         info = f"{rate:,.0f} obj/s · ETA {eta} · failed {snap.failed} · workers {workers_alive}"
         if self.progress is not None:
             for name, task in self.tasks.items():
@@ -120,7 +124,6 @@ class RunDisplay:
                     info=info if name == self.stages()[-1] else "",
                 )
             return
-        now = time.monotonic()
         if not self.quiet and now - self.last_plain >= PLAIN_INTERVAL:
             self.last_plain = now
             self.plain(snap, info)

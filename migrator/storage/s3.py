@@ -104,8 +104,10 @@ class ClientFactory:
         max_pool: int = 32,
         max_attempts: int = 10,
         connect_timeout: float = 10,
+        request_checksums: str = "when_supported",
     ) -> None:
         self.location = location
+        self.request_checksums = request_checksums
         self.max_pool = max_pool
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
@@ -120,6 +122,7 @@ class ClientFactory:
             read_timeout=120,
             tcp_keepalive=True,
             s3={"addressing_style": "path"} if loc.endpoint_url else None,
+            request_checksum_calculation=self.request_checksums,
         )
         return session.client(
             "s3", endpoint_url=loc.endpoint_url, region_name=loc.region, config=config
