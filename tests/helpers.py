@@ -72,6 +72,7 @@ def make_job(
     if app is not None:
         data["app_db"] = {"url": app, "table": "avatars", "column": "path"}
     data.update(settings)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path / "config.yaml", data)
     cfg = load_config(path, env={})
     if keys is None:

@@ -272,3 +272,15 @@ def test_env_overrides_ledger_url(tmp_path: Path, moto_s3: Any, moto_endpoint: s
     assert other.exists() and not (tmp_path / "l.db").exists()
     cfg = load_config(job.config_path, env={"MIGRATOR_LEDGER": f"sqlite:///{other}"})
     assert cfg.ledger.endswith("elsewhere.db")
+
+
+def test_one_ledger_holds_several_jobs(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
+    ledger = f"sqlite:///{tmp_path / 'shared-ledger.db'}"
+    first = make_job(tmp_path / "a", moto_s3, moto_endpoint, ledger=ledger, app=None, count=3)
+    second = make_job(tmp_path / "b", moto_s3, moto_endpoint, ledger=ledger, app=None, count=5)
+    assert run_job(first.cfg, console=quiet_console()) == 0
+    assert run_job(second.cfg, console=quiet_console()) == 0
+    for job, n in ((first, 3), (second, 5)):
+        doc = json.loads(run_cli("status", "--json", "--config", str(job.config_path)).stdout)
+        assert (doc["job"], doc["total"], doc["counts"]["done"]) == (job.cfg.job, n, n)
+        assert_converged(job)
