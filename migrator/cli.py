@@ -20,7 +20,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Config, load_config
-from migrator.errors import EXIT_INTERRUPTED, EXIT_USAGE, LedgerError, MigratorError, redact
+from migrator.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    LedgerError,
+    MigratorError,
+    db_reason,
+    redact,
+)
 from migrator.ledger.repo import Ledger, open_ledger, safe_url, upgrade_schema
 from migrator.progress import fmt_eta
 from migrator.supervisor import preflight, run_job, run_plan
@@ -48,7 +55,7 @@ def handle_errors(fn: F) -> F:
             err_console.print("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         except SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            reason = db_reason(exc)
             _fail(f"database error: {reason}", 1)
         except (ClientError, BotoCoreError) as exc:
             _fail(f"S3 error: {exc}", 1)

@@ -56,3 +56,10 @@ def redact(text: str) -> str:
         if value and len(value) >= 4:
             text = text.replace(value, "***")
     return text
+
+
+def db_reason(exc: BaseException) -> str:
+    """The first line of a database driver's message (not SQLAlchemy's statement dump),
+    with secrets masked."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return redact(lines[0] if lines else type(exc).__name__)

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator import keys
 from migrator.appdb import AppDatabase
 from migrator.config import Config
-from migrator.errors import redact
+from migrator.errors import db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow
 from migrator.ledger.tables import Stage, State
 from migrator.storage import s3
@@ -153,6 +153,11 @@ def _record_errors(
     )
 
 
+def _app_db_failed(ctx: ChunkContext, rows: Sequence[ObjectRow], stage: Stage, reason: str) -> None:
+    """The app database failed the whole chunk: one attempt for each of its rows."""
+    ctx.ledger.record_failures(ctx.owner, [(r, reason) for r in rows], stage, ctx.cfg.max_attempts)
+
+
 def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     """Point the app rows of every copied row at its destination key, in one transaction."""
     copied = [r for r in rows if r.state is State.COPIED]
@@ -162,13 +167,7 @@ def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRo
         try:
             ctx.appdb.rewrite([(r.source_key, r.dest_key) for r in copied])
         except SQLAlchemyError as exc:
-            reason = redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0])
-            ctx.ledger.record_failures(
-                ctx.owner,
-                [(r, f"rewrite: {reason}") for r in copied],
-                Stage.REWRITE,
-                ctx.cfg.max_attempts,
-            )
+            _app_db_failed(ctx, copied, Stage.REWRITE, f"rewrite: {db_reason(exc)}")
             return []
     final = State.DONE if ctx.cfg.delete_source == "never" else State.REWRITTEN
     held = ctx.ledger.record_state(ctx.owner, [r.id for r in copied], final)
@@ -186,13 +185,7 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
         try:
             _recheck_app_rows(ctx, todo)
         except SQLAlchemyError as exc:
-            reason = redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0])
-            ctx.ledger.record_failures(
-                ctx.owner,
-                [(r, f"delete guard: {reason}") for r in todo],
-                Stage.DELETE,
-                ctx.cfg.max_attempts,
-            )
+            _app_db_failed(ctx, todo, Stage.DELETE, f"delete guard: {db_reason(exc)}")
             return []
     done: list[ObjectRow] = []
     failures: list[tuple[ObjectRow, str]] = []

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator import stages
 from migrator.appdb import AppDatabase
 from migrator.config import Config
-from migrator.errors import MigratorError, redact
+from migrator.errors import MigratorError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.storage.s3 import ClientFactory
@@ -123,7 +123,7 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
                     log.warning(
                         "ledger or app database error (%d in a row): %s",
                         errors,
-                        redact(str(getattr(exc, "orig", exc)).strip().splitlines()[0]),
+                        db_reason(exc),
                     )
                     if errors >= MAX_CONSECUTIVE_ERRORS:
                         return EXIT_WORKER_ERROR

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from botocore.exceptions import BotoCoreError, ClientError
 
 from migrator.config import Config, Location, load_config
-from migrator.errors import MigratorError, redact
+from migrator.errors import MigratorError, db_reason, redact
 from migrator.storage.s3 import ClientFactory
 from seed.data import SeedObject, seed_object
 
@@ -186,7 +186,7 @@ def main(config_path: Path, count: int, size: int, processes: int, replace: bool
         try:
             n = seed_app_db(cfg, objects, replace)
         except sa.exc.SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+            reason = db_reason(exc)
             click.echo(f"error: app database: {redact(reason)}", err=True)
             sys.exit(2)
         click.echo(

@@ -171,3 +171,11 @@ def assert_converged(job: Job, *, sources_deleted: bool = True) -> None:
         migrated = paths[: len(job.objects)]
         assert migrated == [job.dest_key(o.key) for o in job.objects]
         assert paths[len(job.objects) :] == expected_untouched(job)
+
+
+def sqlite_job(tmp_path: Path, s3: Any, endpoint: str, *, with_app: bool, **kw: Any) -> Job:
+    """``make_job`` with the ledger and (if wanted) the app database in SQLite files."""
+    app = f"sqlite:///{tmp_path / 'app.db'}" if with_app else None
+    return make_job(
+        tmp_path, s3, endpoint, ledger=f"sqlite:///{tmp_path / 'ledger.db'}", app=app, **kw
+    )

@@ -20,7 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from migrator.errors import LedgerError
+from migrator.errors import LedgerError, db_reason
 from migrator.ledger.tables import Stage, State, jobs, objects
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
@@ -139,7 +139,7 @@ def open_ledger(url: str, *, upgrade: bool = True) -> Engine:
                 conn.execute(sa.text("SELECT 1"))
     except (OperationalError, SQLAlchemyError, OSError) as exc:
         engine.dispose()
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0]
+        reason = db_reason(exc)
         raise LedgerError(f"ledger {safe_url(url)} is not usable: {reason}") from None
     return engine
 

@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from tests.acceptance.test_kill import start_run, wait_for_progress
-from tests.helpers import assert_converged, invariant_violations, list_keys, make_job
+from tests.helpers import assert_converged, invariant_violations, list_keys, sqlite_job
 
 
 def test_ctrl_c_exits_130_and_rerun_continues(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
+    job = sqlite_job(
         tmp_path,
         moto_s3,
         moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
-        app=f"sqlite:///{tmp_path / 'app.db'}",
+        with_app=True,
         count=400,
         size=256,
         delete_source="per_chunk",

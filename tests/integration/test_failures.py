@@ -11,18 +11,17 @@ import sqlalchemy as sa
 from rich.console import Console
 
 from migrator.supervisor import run_job
-from tests.helpers import assert_converged, list_keys, make_job, run_cli
+from tests.helpers import assert_converged, list_keys, run_cli, sqlite_job
 
 
 def test_rewrite_failures_exhaust_attempts_and_keep_sources(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
+    job = sqlite_job(
         tmp_path,
         moto_s3,
         moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
-        app=f"sqlite:///{tmp_path / 'app.db'}",
+        with_app=True,
         count=12,
         max_attempts=2,
         delete_source="per_chunk",

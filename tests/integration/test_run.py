@@ -11,7 +11,7 @@ from rich.console import Console
 
 from migrator.config import load_config
 from migrator.supervisor import run_job
-from tests.helpers import assert_converged, list_keys, make_job, run_cli
+from tests.helpers import assert_converged, list_keys, make_job, run_cli, sqlite_job
 
 
 def quiet_console() -> Console:
@@ -40,14 +40,8 @@ def test_run_migrates_rewrites_and_deletes(
 
 @pytest.mark.parametrize("policy", ["per_chunk", "never"])
 def test_delete_policies(tmp_path: Path, moto_s3: Any, moto_endpoint: str, policy: str) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=f"sqlite:///{tmp_path / 'a.db'}",
-        count=25,
-        delete_source=policy,
+    job = sqlite_job(
+        tmp_path, moto_s3, moto_endpoint, with_app=True, count=25, delete_source=policy
     )
     assert run_job(job.cfg, console=quiet_console()) == 0
     assert_converged(job, sources_deleted=policy != "never")
@@ -66,14 +60,8 @@ def test_without_app_db_copies_and_deletes(
 def test_metadata_and_content_type_are_kept(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=None,
-        count=3,
-        delete_source="never",
+    job = sqlite_job(
+        tmp_path, moto_s3, moto_endpoint, with_app=False, count=3, delete_source="never"
     )
     assert run_job(job.cfg, console=quiet_console()) == 0
     for obj in job.objects:
@@ -85,14 +73,8 @@ def test_metadata_and_content_type_are_kept(
 def test_replan_adds_new_resets_changed_keeps_done(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=None,
-        count=4,
-        delete_source="never",
+    job = sqlite_job(
+        tmp_path, moto_s3, moto_endpoint, with_app=False, count=4, delete_source="never"
     )
     src = job.cfg.source.bucket
     proc = run_cli("plan", "--config", str(job.config_path))
@@ -111,14 +93,7 @@ def test_replan_adds_new_resets_changed_keeps_done(
 def test_replan_resets_changed_pending_row(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=None,
-        count=3,
-    )
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=False, count=3)
     assert run_cli("plan", "--config", str(job.config_path)).returncode == 0
     moto_s3.put_object(Bucket=job.cfg.source.bucket, Key=job.objects[0].key, Body=b"v2")
     proc = run_cli("plan", "--config", str(job.config_path))
@@ -166,14 +141,7 @@ def test_awkward_keys_round_trip(
 def test_failed_rows_block_after_all_deletes_and_retry_failed_recovers(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str
 ) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=f"sqlite:///{tmp_path / 'a.db'}",
-        count=6,
-    )
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=True, count=6)
     assert run_cli("plan", "--config", str(job.config_path)).returncode == 0
     gone = job.objects[2]
     moto_s3.delete_object(Bucket=job.cfg.source.bucket, Key=gone.key)
@@ -202,14 +170,7 @@ def test_failed_rows_block_after_all_deletes_and_retry_failed_recovers(
 def test_report_csv_and_parquet(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
     import pandas as pd
 
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=None,
-        count=7,
-    )
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=False, count=7)
     assert run_job(job.cfg, console=quiet_console()) == 0
     for name in ("r.csv", "r.parquet"):
         out = tmp_path / name
@@ -223,14 +184,7 @@ def test_report_csv_and_parquet(tmp_path: Path, moto_s3: Any, moto_endpoint: str
 
 
 def test_verify_reports_discrepancies(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=f"sqlite:///{tmp_path / 'a.db'}",
-        count=5,
-    )
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=True, count=5)
     assert run_job(job.cfg, console=quiet_console()) == 0
     ok = run_cli("verify", "--config", str(job.config_path))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -256,14 +210,7 @@ def test_verify_reports_discrepancies(tmp_path: Path, moto_s3: Any, moto_endpoin
 
 
 def test_env_overrides_ledger_url(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'l.db'}",
-        app=None,
-        count=2,
-    )
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=False, count=2)
     other = tmp_path / "elsewhere.db"
     proc = run_cli(
         "plan", "--config", str(job.config_path), env={"MIGRATOR_LEDGER": f"sqlite:///{other}"}
