@@ -7,6 +7,7 @@ caller still holding the lease, so a worker whose lease was taken over cannot mo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from migrator.errors import LedgerError, db_reason
 from migrator.ledger.tables import Stage, State, jobs, objects
@@ -173,7 +174,8 @@ class Ledger:
 
     # -- jobs -----------------------------------------------------------------------------
     def ensure_job(self, source: str, destination: str) -> None:
-        with self.engine.begin() as conn:
+        """Register the job (once; another host may do it at the same moment)."""
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
             found = conn.execute(sa.select(jobs.c.name).where(jobs.c.name == self.job)).first()
             if found is None:
                 conn.execute(

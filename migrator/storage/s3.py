@@ -31,6 +31,7 @@ class ErrorKind(enum.Enum):
 
 
 _PERMANENT_CODES = {
+    "403",  # HEAD responses carry no error body, only the status
     "AccessDenied",
     "AllAccessDisabled",
     "InvalidAccessKeyId",
