@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy as sa
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Config, load_config
@@ -28,7 +26,7 @@ from migrator.errors import (
     db_reason,
     redact,
 )
-from migrator.ledger.repo import Ledger, open_ledger, safe_url, upgrade_schema
+from migrator.ledger.repo import Ledger, open_existing_ledger
 from migrator.progress import fmt_eta
 from migrator.supervisor import preflight, run_job, run_plan
 
@@ -80,20 +78,9 @@ def _load(config_path: Path) -> Config:
 
 def _ledger_for_reading(cfg: Config) -> Ledger:
     """Open an existing ledger without creating one; the job must be in it."""
-    url = make_url(cfg.ledger)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
-        raise LedgerError(
-            f"no ledger at {url.database}; run `migrator plan` or `migrator run` first"
-        )
-    engine = open_ledger(cfg.ledger, upgrade=False)
-    if not sa.inspect(engine).has_table("migrator_jobs"):
-        engine.dispose()
-        raise LedgerError(
-            f"no ledger in {safe_url(cfg.ledger)}; run `migrator plan` or `migrator run` first"
-        )
-    upgrade_schema(engine)
-    ledger = Ledger(engine, cfg.job)
+    ledger = Ledger(open_existing_ledger(cfg.ledger), cfg.job)
     if cfg.job not in ledger.list_jobs():
+        ledger.engine.dispose()
         raise LedgerError(f"job {cfg.job!r} is not in the ledger; run `migrator plan` first")
     return ledger
 

@@ -59,31 +59,33 @@ def same_endpoint(cfg: Config) -> bool:
     )
 
 
-def preflight(cfg: Config, *, need_s3: bool = True, need_appdb: bool = True) -> Resources:
+def check_s3(cfg: Config) -> Any:
+    """Both buckets reachable through one S3 service; returns the client for this process."""
+    if not same_endpoint(cfg):
+        raise PreflightError(
+            "source and destination use different endpoints, regions or profiles; "
+            "server-side copy needs one S3 service for both sides"
+        )
+    probe = s3.ClientFactory(
+        cfg.source, max_pool=cfg.concurrency + 4, max_attempts=2, connect_timeout=5
+    ).client()
+    s3.check_bucket(probe, cfg.source, "source")
+    s3.check_bucket(probe, cfg.destination, "destination")
+    return s3.ClientFactory(cfg.source, max_pool=cfg.concurrency + 4).client()
+
+
+def preflight(cfg: Config) -> Resources:
     """Check everything a run needs before anything is written: buckets, app table and column,
     then the ledger (created or upgraded last, so bad input leaves nothing behind)."""
-    source_client = dest_client = None
-    if need_s3:
-        if not same_endpoint(cfg):
-            raise PreflightError(
-                "source and destination use different endpoints, regions or profiles; "
-                "server-side copy needs one S3 service for both sides"
-            )
-        source_client = s3.ClientFactory(
-            cfg.source, max_pool=cfg.concurrency + 4, max_attempts=2, connect_timeout=5
-        ).client()
-        s3.check_bucket(source_client, cfg.source, "source")
-        s3.check_bucket(source_client, cfg.destination, "destination")
-        source_client = s3.ClientFactory(cfg.source, max_pool=cfg.concurrency + 4).client()
-        dest_client = source_client
-    appdb = AppDatabase(cfg.app_db) if (need_appdb and cfg.app_db is not None) else None
+    client = check_s3(cfg)
+    appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
     try:
         engine = open_ledger(cfg.ledger)
     except Exception:
         if appdb is not None:
             appdb.dispose()
         raise
-    return Resources(engine, Ledger(engine, cfg.job), source_client, dest_client, appdb)
+    return Resources(engine, Ledger(engine, cfg.job), client, client, appdb)
 
 
 def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:

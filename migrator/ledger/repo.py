@@ -145,6 +145,26 @@ def open_ledger(url: str, *, upgrade: bool = True) -> Engine:
     return engine
 
 
+def open_existing_ledger(url: str) -> Engine:
+    """Open a ledger that must already exist (read-only commands create nothing)."""
+    parsed = make_url(url)
+    missing = LedgerError(
+        f"no ledger in {safe_url(url)}; run `migrator plan` or `migrator run` first"
+    )
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and parsed.database
+        and not Path(parsed.database).exists()
+    ):
+        raise missing
+    engine = open_ledger(url, upgrade=False)
+    if not sa.inspect(engine).has_table(jobs.name):
+        engine.dispose()
+        raise missing
+    upgrade_schema(engine)
+    return engine
+
+
 def lease_owner_id(worker: int, pid: int | None = None) -> str:
     """``host:pid:worker`` of a worker process: lets a run on the same host see that the
     owner of a lease is dead and free its rows at once instead of waiting for expiry."""

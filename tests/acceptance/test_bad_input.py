@@ -262,7 +262,7 @@ def test_reading_a_ledger_that_does_not_exist(sqlite_job: Job, args: tuple[str, 
     job = sqlite_job
     before = snapshot(job)
     proc = run_cli(*args, "--config", str(job.config_path), cwd=job.dir)
-    assert_rejected(proc, says=("no ledger at", "migrator plan"))
+    assert_rejected(proc, says=("no ledger in", "migrator plan"))
     assert_nothing_written(job, before, job.dir / "ledger.db")
 
 
