@@ -108,5 +108,16 @@ class AppDatabase:
                 )
         return found
 
+    def count_pointing(self, old_keys: Sequence[str]) -> int:
+        """How many rows hold one of these keys (what a rewrite would change)."""
+        total = 0
+        with self.engine.connect() as conn:
+            for i in range(0, len(old_keys), _IN_BATCH):
+                batch = list(old_keys[i : i + _IN_BATCH])
+                total += conn.execute(
+                    sa.select(sa.func.count()).where(self.column.in_(batch))
+                ).scalar_one()
+        return total
+
     def dispose(self) -> None:
         self.engine.dispose()

@@ -123,15 +123,31 @@ def plan(config_path: Path) -> None:
 @main.command()
 @config_option
 @click.option("--quiet", is_flag=True, help="No progress display, only the final summary.")
+@click.option(
+    "--max-delete",
+    type=click.IntRange(0),
+    default=None,
+    help="Delete at most N sources in this run; the rest wait for the next run.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print what would be copied, rewritten and deleted; touch nothing.",
+)
 @handle_errors
-def run(config_path: Path, quiet: bool) -> None:
+def run(config_path: Path, quiet: bool, max_delete: int | None, dry_run: bool) -> None:
     """Plan if needed, then copy → verify → rewrite → delete until done.
 
     Killed or interrupted, the same command continues where it stopped. Exit 0 when every
     object is done, 1 when some failed, 130 on Ctrl-C. Example: migrator run
     """
     cfg = _load(config_path)
-    sys.exit(run_job(cfg, console=err_console, quiet=quiet))
+    if dry_run:
+        from migrator.dryrun import dry_run as preview
+
+        preview(cfg, out_console)
+        return
+    sys.exit(run_job(cfg, console=err_console, quiet=quiet, max_delete=max_delete))
 
 
 def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:

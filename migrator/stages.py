@@ -25,6 +25,26 @@ from migrator.ledger.tables import Stage, State
 from migrator.storage import s3
 
 
+class DeleteBudget:
+    """``--max-delete``: how many sources this run may still delete, shared by its workers
+    through a ``multiprocessing.Value`` (a negative value means no limit)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` deletes; returns how many may go ahead."""
+        with self.value.get_lock():
+            if self.value.value < 0:
+                return wanted
+            granted = min(wanted, self.value.value)
+            self.value.value -= granted
+            return granted
+
+    def exhausted(self) -> bool:
+        return self.value.value == 0
+
+
 @dataclass
 class ChunkContext:
     """What a worker hands to the stages: config, ledger, clients, the app DB, a thread pool."""
@@ -37,6 +57,7 @@ class ChunkContext:
     appdb: AppDatabase | None
     pool: ThreadPoolExecutor
     stop: Any  # has is_set(): the worker's StopFlag
+    budget: DeleteBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,8 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
         except SQLAlchemyError as exc:
             _app_db_failed(ctx, todo, Stage.DELETE, f"delete guard: {db_reason(exc)}")
             return []
+    if ctx.budget is not None:
+        todo = todo[: ctx.budget.take(len(todo))]  # the rest stay rewritten for a later run
     done: list[ObjectRow] = []
     failures: list[tuple[ObjectRow, str]] = []
     for batch in keys.batched(todo, s3.DELETE_BATCH):

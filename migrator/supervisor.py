@@ -121,8 +121,15 @@ def worker_context() -> Any:
     return ctx
 
 
-def run_job(cfg: Config, *, console: Console | None = None, quiet: bool = False) -> int:
-    """``migrator run``: plan if needed, then process every stage until done; resumable."""
+def run_job(
+    cfg: Config,
+    *,
+    console: Console | None = None,
+    quiet: bool = False,
+    max_delete: int | None = None,
+) -> int:
+    """``migrator run``: plan if needed, then process every stage until done; resumable.
+    ``max_delete`` caps the sources this run deletes (rclone's ``--max-delete``)."""
     console = console or Console(stderr=True)
     ctx = worker_context()
     multiprocessing.forkserver.ensure_running()  # starts while pre-flight and plan run
@@ -134,12 +141,20 @@ def run_job(cfg: Config, *, console: Console | None = None, quiet: bool = False)
         freed = res.ledger.reclaim_dead_local_leases()
         if freed:
             console.print(f"reclaimed {freed:,} rows leased by stopped processes", highlight=False)
-        return _supervise(cfg, ctx, res.ledger, console, quiet)
+        return _supervise(cfg, ctx, res.ledger, console, quiet, max_delete)
     finally:
         res.close()
 
 
-def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: bool) -> int:
+def _supervise(
+    cfg: Config,
+    ctx: Any,
+    ledger: Ledger,
+    console: Console,
+    quiet: bool,
+    max_delete: int | None,
+) -> int:
+    budget = ctx.Value("q", -1 if max_delete is None else max_delete)
     stop_event = ctx.Event()
     stop = _Stop()
     old_int = signal.signal(signal.SIGINT, stop)
@@ -154,7 +169,7 @@ def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: b
         serial[0] += 1
         p = ctx.Process(
             target=worker_main,
-            args=(cfg, serial[0], stop_event, level),
+            args=(cfg, serial[0], stop_event, level, budget),
             name=f"migrator-worker-{serial[0]}",
         )
         p.start()
@@ -212,6 +227,13 @@ def _supervise(cfg: Config, ctx: Any, ledger: Ledger, console: Console, quiet: b
         return EXIT_INTERRUPTED
     if gave_up:
         console.print("workers kept failing; see the log above, fix the cause and run again")
+        return EXIT_FAILED_ROWS
+    if max_delete is not None and budget.value == 0 and counts["rewritten"]:
+        console.print(
+            f"--max-delete {max_delete:,} reached: {counts['rewritten']:,} sources not deleted "
+            "yet; run again to continue",
+            highlight=False,
+        )
         return EXIT_FAILED_ROWS
     return finish_message(cfg, counts, console)
 

@@ -29,9 +29,13 @@ MAX_CONSECUTIVE_ERRORS = 30
 EXIT_WORKER_ERROR = 3
 
 
-def claim_states(cfg: Config, ledger: Ledger) -> list[State]:
-    """Which rows this worker may take now, under the job's delete policy."""
+def claim_states(
+    cfg: Config, ledger: Ledger, budget: stages.DeleteBudget | None = None
+) -> list[State]:
+    """Which rows this worker may take now, under the job's delete policy and --max-delete."""
     states = [State.PENDING, State.COPIED]
+    if budget is not None and budget.exhausted():
+        return states
     if cfg.delete_source == "per_chunk" or (
         cfg.delete_source == "after_all" and ledger.delete_gate_open()
     ):
@@ -82,7 +86,7 @@ class StopFlag:
         return self.event.is_set() or os.getppid() != self.parent
 
 
-def run_worker(cfg: Config, owner: str, stop: Any) -> int:
+def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) -> int:
     """The worker loop; returns the process exit code."""
     local_stop = StopFlag(stop)
     engine = open_ledger(cfg.ledger, upgrade=False)
@@ -100,15 +104,16 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
     heartbeat.start()
     errors = 0
     with ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="s3") as pool:
+        budget = stages.DeleteBudget(delete_budget) if delete_budget is not None else None
         ctx = stages.ChunkContext(
-            cfg, ledger, owner, source_client, dest_client, appdb, pool, local_stop
+            cfg, ledger, owner, source_client, dest_client, appdb, pool, local_stop, budget
         )
         try:
             while True:
                 if local_stop.is_set():
                     break
                 try:
-                    states = claim_states(cfg, ledger)
+                    states = claim_states(cfg, ledger, budget)
                     rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
                     if not rows:
                         if not ledger.any_in_states(states):
@@ -138,13 +143,15 @@ def run_worker(cfg: Config, owner: str, stop: Any) -> int:
     return 0
 
 
-def worker_main(cfg: Config, serial: int, stop: Any, log_level: int) -> None:
+def worker_main(
+    cfg: Config, serial: int, stop: Any, log_level: int, delete_budget: Any = None
+) -> None:
     """Entry point of a worker process; its lease owner id carries its own PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor tells us to stop
     owner = lease_owner_id(serial)
     logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(message)s")
     try:
-        code = run_worker(cfg, owner, stop)
+        code = run_worker(cfg, owner, stop, delete_budget)
     except MigratorError as exc:
         log.error("%s", redact(str(exc)))
         code = EXIT_WORKER_ERROR

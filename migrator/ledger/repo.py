@@ -293,6 +293,19 @@ class Ledger:
                 )
         return PlanResult(len(new), len(changed), len(page) - len(new) - len(changed))
 
+    def states_of(self, source_keys: Sequence[str]) -> dict[str, str]:
+        """The ledger state of each of these source keys that the job has a row for."""
+        if not source_keys:
+            return {}
+        with self._read() as conn:
+            return dict(
+                conn.execute(
+                    sa.select(O.source_key, O.state).where(
+                        O.job == self.job, O.source_key.in_(list(source_keys))
+                    )
+                ).all()
+            )
+
     def replan_row(
         self, owner: str, row: ObjectRow, etag: str, size: int, note: str, max_attempts: int
     ) -> None:

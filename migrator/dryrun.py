@@ -1,0 +1,97 @@
+"""``migrator run --dry-run``: what a run would copy, rewrite and delete, touching nothing.
+
+It lists the source and reads the app database and, if one exists, the ledger; it writes to
+none of them and creates no ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from migrator.appdb import AppDatabase
+from migrator.config import Config
+from migrator.errors import LedgerError
+from migrator.keys import map_key
+from migrator.ledger.repo import Ledger, open_existing_ledger
+from migrator.ledger.tables import State
+from migrator.storage import s3
+from migrator.supervisor import check_s3
+
+EXAMPLES = 5
+_NEEDS_COPY = {None, State.PENDING.value, State.FAILED.value}
+_NEEDS_REWRITE = _NEEDS_COPY | {State.COPIED.value}
+
+
+@dataclass
+class Preview:
+    listed: int = 0
+    copy: int = 0
+    copy_bytes: int = 0
+    rewrite_keys: int = 0
+    rewrite_rows: int = 0
+    delete: int = 0
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def preview(
+    cfg: Config, client: object, appdb: AppDatabase | None, ledger: Ledger | None
+) -> Preview:
+    src, dst = cfg.source, cfg.destination
+    p = Preview()
+    for page in s3.list_pages(client, src.bucket, src.prefix):
+        states = ledger.states_of([o.key for o in page]) if ledger is not None else {}
+        rewrite: list[str] = []
+        for o in page:
+            state = states.get(o.key)
+            p.listed += 1
+            if state in _NEEDS_COPY:
+                p.copy += 1
+                p.copy_bytes += o.size
+                if len(p.examples) < EXAMPLES:
+                    p.examples.append((o.key, map_key(o.key, src.prefix, dst.prefix)))
+            if state in _NEEDS_REWRITE:
+                rewrite.append(o.key)
+            if state != State.DONE.value and cfg.delete_source != "never":
+                p.delete += 1
+        p.rewrite_keys += len(rewrite)
+        if appdb is not None:
+            p.rewrite_rows += appdb.count_pointing(rewrite)
+    return p
+
+
+def dry_run(cfg: Config, out: Console) -> Preview:
+    client = check_s3(cfg)
+    appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
+    ledger = None
+    with contextlib.suppress(LedgerError):
+        ledger = Ledger(open_existing_ledger(cfg.ledger), cfg.job)
+    try:
+        p = preview(cfg, client, appdb, ledger)
+    finally:
+        if appdb is not None:
+            appdb.dispose()
+        if ledger is not None:
+            ledger.engine.dispose()
+    src = f"s3://{cfg.source.bucket}/{cfg.source.prefix}"
+    dst = f"s3://{cfg.destination.bucket}/{cfg.destination.prefix}"
+    out.print(f"dry run of job {cfg.job}: nothing is copied, rewritten or deleted", highlight=False)
+    out.print(f"  listed         {p.listed:,} objects under {src}", highlight=False)
+    out.print(
+        f"  would copy     {p.copy:,} objects ({p.copy_bytes:,} bytes) to {dst}", highlight=False
+    )
+    if cfg.app_db is not None:
+        out.print(
+            f"  would rewrite  {p.rewrite_rows:,} rows of {cfg.app_db.table}.{cfg.app_db.column} "
+            f"(for {p.rewrite_keys:,} objects)",
+            highlight=False,
+        )
+    out.print(
+        f"  would delete   {p.delete:,} source objects (delete_source: {cfg.delete_source})",
+        highlight=False,
+    )
+    for old, new in p.examples:
+        out.print(f"  e.g. copy {old} -> {new}", highlight=False, markup=False)
+    return p
