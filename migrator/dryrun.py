@@ -93,5 +93,5 @@ def dry_run(cfg: Config, out: Console) -> Preview:
         highlight=False,
     )
     for old, new in p.examples:
-        out.print(f"  e.g. copy {old} -> {new}", highlight=False, markup=False)
+        out.print(f"  e.g. copy {old} -> {new}", highlight=False, markup=False, soft_wrap=True)
     return p
