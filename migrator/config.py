@@ -87,6 +87,7 @@ class Config(_Strict):
     concurrency: int = Field(default=16, ge=1, le=256)
     chunk_size: int = Field(default=500, ge=1, le=10_000)
     delete_source: Literal["after_all", "per_chunk", "never"] = "after_all"
+    on_conflict: Literal["fail", "overwrite", "skip"] = "fail"
     max_attempts: int = Field(default=5, ge=1, le=100)
     lease_seconds: int = Field(default=60, ge=5, le=3600)
 

@@ -54,7 +54,10 @@ def preview(
                     p.examples.append((o.key, map_key(o.key, src.prefix, dst.prefix)))
             if state in _NEEDS_REWRITE:
                 rewrite.append(o.key)
-            if state != State.DONE.value and cfg.delete_source != "never":
+            if (
+                state not in (State.DONE.value, State.SKIPPED.value)
+                and cfg.delete_source != "never"
+            ):
                 p.delete += 1
         p.rewrite_keys += len(rewrite)
         if appdb is not None:

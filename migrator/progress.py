@@ -22,7 +22,7 @@ class Snapshot:
     rewritten: int
     deleted: int
     done: int
-    failed: int
+    failed: int  # failed or skipped: will not move on in this run
 
     @classmethod
     def from_counts(cls, counts: dict[str, int]) -> Snapshot:
@@ -34,7 +34,7 @@ class Snapshot:
             rewritten=rewritten,
             deleted=done,
             done=done,
-            failed=counts.get("failed", 0),
+            failed=counts.get("failed", 0) + counts.get("skipped", 0),
         )
 
 

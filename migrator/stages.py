@@ -67,21 +67,65 @@ class CopyOutcome:
     error: str | None = None
     permanent: bool = False
     replan: s3.Head | None = None  # the source's new version, when it changed after plan
-    skipped: bool = False  # stop requested before the request was sent
+    not_sent: bool = False  # stop requested before the request was sent
+    conflict_skipped: bool = False  # on_conflict: skip, and the destination holds another object
 
 
 def copy_one(ctx: ChunkContext, row: ObjectRow) -> CopyOutcome:
     """Copy one object (exactly the planned version) and verify the destination."""
     if ctx.stop.is_set():
-        return CopyOutcome(row, skipped=True)
-    src, dst = ctx.cfg.source, ctx.cfg.destination
+        return CopyOutcome(row, not_sent=True)
+    guarded = ctx.cfg.on_conflict != "overwrite"
     try:
-        etag = s3.copy(
-            ctx.dest_client, src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag
-        )
+        etag = _copy(ctx, row, if_absent=guarded)
     except s3.S3OperationError as err:
+        if guarded and err.kind is s3.ErrorKind.SOURCE_CHANGED:
+            return _precondition_failed(ctx, row, err)
         return _copy_failed(ctx, row, err)
     return _verify(ctx, row, etag)
+
+
+def _copy(ctx: ChunkContext, row: ObjectRow, *, if_absent: bool) -> str:
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    return s3.copy(
+        ctx.dest_client,
+        src.bucket,
+        row.source_key,
+        dst.bucket,
+        row.dest_key,
+        row.etag,
+        if_absent=if_absent,
+    )
+
+
+def _precondition_failed(
+    ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError
+) -> CopyOutcome:
+    """412 on a guarded copy: either the destination key is taken or the source changed.
+
+    The destination decides: absent → the source changed; the planned object → already
+    copied (re-runs cost no copy); an object this job wrote before (a source that changed
+    since) → overwrite it; anything else is a conflict, handled per ``on_conflict``.
+    """
+    try:
+        found = s3.head(ctx.dest_client, ctx.cfg.destination.bucket, row.dest_key)
+        if found is None:
+            return _copy_failed(ctx, row, err)
+        if found.size == row.size and found.etag == row.etag:
+            return CopyOutcome(row, dest_etag=found.etag)
+        if row.dest_etag is not None and found.etag == row.dest_etag:
+            return _verify(ctx, row, _copy(ctx, row, if_absent=False))
+    except s3.S3OperationError as again:
+        return _copy_failed(ctx, row, again)
+    message = (
+        f"conflict: destination key already holds a different object ({found.size} bytes, "
+        f"ETag {found.etag}) not written by this job; set on_conflict: overwrite or skip"
+    )
+    if ctx.cfg.on_conflict == "skip":
+        return CopyOutcome(
+            row, error=message.replace("conflict", "skipped", 1), conflict_skipped=True
+        )
+    return CopyOutcome(row, error=message, permanent=True)
 
 
 def _copy_failed(ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError) -> CopyOutcome:
@@ -150,11 +194,15 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
                 "source changed after plan (ETag differs); re-planned with the new version",
                 ctx.cfg.max_attempts,
             )
-    _record_errors(ctx, [o for o in outcomes if o.error and not o.permanent], Stage.COPY)
-    _record_errors(ctx, [o for o in outcomes if o.error and o.permanent], Stage.COPY, True)
-    skipped = [o.row.id for o in outcomes if o.skipped]
-    if skipped:
-        ctx.ledger.release(ctx.owner, skipped)
+    failed = [o for o in outcomes if o.error and not o.conflict_skipped]
+    _record_errors(ctx, [o for o in failed if not o.permanent], Stage.COPY)
+    _record_errors(ctx, [o for o in failed if o.permanent], Stage.COPY, True)
+    ctx.ledger.record_skipped(
+        ctx.owner, [(o.row.id, o.error or "") for o in outcomes if o.conflict_skipped]
+    )
+    not_sent = [o.row.id for o in outcomes if o.not_sent]
+    if not_sent:
+        ctx.ledger.release(ctx.owner, not_sent)
     return ready + [
         dataclasses.replace(o.row, state=State.COPIED, dest_etag=o.dest_etag)
         for o in copied

@@ -240,8 +240,12 @@ def _supervise(
 
 def finish_message(cfg: Config, counts: dict[str, int], console: Console) -> int:
     total = sum(counts.values())
-    if counts["done"] == total:
-        console.print(f"{cfg.job}: all {total:,} objects done", highlight=False)
+    skipped = counts.get("skipped", 0)
+    if counts["done"] + skipped == total:
+        note = (
+            f" ({skipped:,} skipped: their destination keys hold other objects)" if skipped else ""
+        )
+        console.print(f"{cfg.job}: all {total:,} objects done{note}", highlight=False)
         return EXIT_OK
     if counts["failed"]:
         held = (

@@ -276,7 +276,6 @@ class Ledger:
                         attempts=0,
                         failed_stage=None,
                         last_error=None,
-                        dest_etag=None,
                         lease_owner=None,  # a worker holding the old version records nothing
                         lease_expires=None,
                         updated_at=now,
@@ -319,7 +318,6 @@ class Ledger:
                     etag=etag,
                     size=size,
                     state=State.PENDING.value,
-                    dest_etag=None,
                     attempts=O.attempts + 1,
                     last_error=note,
                     lease_owner=None,
@@ -454,6 +452,25 @@ class Ledger:
                     .values(state=state.value, last_error=None, updated_at=utcnow())
                     .returning(O.id)
                 ).scalars()
+            )
+
+    def record_skipped(self, owner: str, skipped: Sequence[tuple[int, str]]) -> None:
+        """Rows left alone on purpose (``on_conflict: skip``): source, destination and app rows
+        untouched, never deleted; ``last_error`` says why."""
+        if not skipped:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                objects.update()
+                .where(O.id == sa.bindparam("b_id"), O.lease_owner == owner)
+                .values(
+                    state=State.SKIPPED.value,
+                    last_error=sa.bindparam("b_err"),
+                    lease_owner=None,
+                    lease_expires=None,
+                    updated_at=utcnow(),
+                ),
+                [{"b_id": i, "b_err": e} for i, e in skipped],
             )
 
     def record_failures(

@@ -19,6 +19,7 @@ class State(enum.StrEnum):
     REWRITTEN = "rewritten"  # app-DB rows committed with the destination key
     DONE = "done"  # source deleted per policy (or kept under delete_source: never)
     FAILED = "failed"  # attempts exhausted or a permanent error; last_error says why
+    SKIPPED = "skipped"  # on_conflict: skip — left alone on purpose; last_error says why
 
 
 class Stage(enum.StrEnum):

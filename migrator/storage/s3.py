@@ -186,13 +186,23 @@ def head(client: Any, bucket: str, key: str) -> Head | None:
 
 
 def copy(
-    client: Any, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str, if_match: str
+    client: Any,
+    src_bucket: str,
+    src_key: str,
+    dst_bucket: str,
+    dst_key: str,
+    if_match: str,
+    *,
+    if_absent: bool = False,
 ) -> str:
     """Server-side copy of exactly the planned version; returns the destination ETag.
 
-    ``CopySourceIfMatch`` makes S3 refuse (412) when the source changed after planning.
-    Metadata (content type, user metadata) is copied by S3 (``MetadataDirective=COPY``).
+    ``CopySourceIfMatch`` makes S3 refuse (412) when the source changed after planning;
+    with ``if_absent``, ``If-None-Match: *`` also makes it refuse (412) when the destination key
+    already holds an object, so nothing is overwritten unseen. Metadata (content type, user
+    metadata) is copied by S3 (``MetadataDirective=COPY``).
     """
+    extra = {"IfNoneMatch": "*"} if if_absent else {}
     try:
         resp = client.copy_object(
             Bucket=dst_bucket,
@@ -200,6 +210,7 @@ def copy(
             CopySource={"Bucket": src_bucket, "Key": src_key},
             CopySourceIfMatch=f'"{if_match}"',
             MetadataDirective="COPY",
+            **extra,
         )
     except (ClientError, BotoCoreError) as exc:
         raise classify(exc) from None
