@@ -6,7 +6,7 @@ from config and are accepted only if reflection finds them; every value is a bou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,22 @@ class AppDatabase:
                     ).scalars()
                 )
         return found
+
+    def iter_values(self, prefix: str) -> Iterator[str]:
+        """Distinct column values under ``prefix``, in byte order (as S3 lists keys), streamed."""
+        col: Any = self.column
+        if self.engine.dialect.name == "postgresql":
+            col = col.collate("C")
+        q = (
+            sa.select(col)
+            .where(self.column.startswith(prefix, autoescape=True))
+            .distinct()
+            .order_by(col)
+        )
+        with self.engine.connect() as conn:
+            yield from (
+                conn.execution_options(stream_results=True, yield_per=1000).execute(q).scalars()
+            )
 
     def count_pointing(self, old_keys: Sequence[str]) -> int:
         """How many rows hold one of these keys (what a rewrite would change)."""

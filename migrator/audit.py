@@ -91,6 +91,16 @@ def audit(cfg: Config, res: Resources) -> AuditResult:
                 result.add("source missing although delete_source is never", row["source_key"])
         elif obj is not None and obj.etag == row["etag"]:
             result.add("source left behind", row["source_key"])
+    if res.appdb is not None:
+        for side, loc, client in (
+            ("destination", dst, res.dest_client),
+            ("source", src, res.source_client),
+        ):
+            values = ({"value": v} for v in res.appdb.iter_values(loc.prefix))
+            listing = _listing(client, loc.bucket, loc.prefix)
+            for row, obj in merge_by_key(values, "value", listing):
+                if obj is None:
+                    result.add(f"app row points at a {side} key that does not exist", row["value"])
     for batch in ledger.iter_rows():
         for r in batch:
             if r["state"] not in (State.DONE.value, State.SKIPPED.value):

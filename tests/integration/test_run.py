@@ -183,8 +183,12 @@ def test_report_csv_and_parquet(tmp_path: Path, moto_s3: Any, moto_endpoint: str
         assert {"attempts", "last_error", "dest_key", "size"} <= set(frame.columns)
 
 
-def test_verify_reports_discrepancies(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
-    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=True, count=5)
+def test_verify_reports_discrepancies(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, db_urls: dict[str, str]
+) -> None:
+    job = make_job(
+        tmp_path, moto_s3, moto_endpoint, ledger=db_urls["ledger"], app=db_urls["app"], count=5
+    )
     assert run_job(job.cfg, console=quiet_console()) == 0
     ok = run_cli("verify", "--config", str(job.config_path))
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -205,7 +209,9 @@ def test_verify_reports_discrepancies(tmp_path: Path, moto_s3: Any, moto_endpoin
     doc = json.loads(bad.stdout)
     assert doc["discrepancies"] == {
         "missing at destination": 1,
+        "app row points at a destination key that does not exist": 1,
         "app row still points at a migrated source key": 1,
+        "app row points at a source key that does not exist": 1,
     }
 
 
