@@ -1,0 +1,112 @@
+"""Database faults during a run: connections to the Postgres ledger and app database killed
+again and again (``pg_terminate_backend``), and a SQLite ledger locked by another process. The
+run reports, retries and converges; nothing is lost and no source goes early (I1)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tests.acceptance.test_kill import start_run, wait_for_progress
+from tests.helpers import assert_converged, invariant_violations, make_job, sqlite_job
+
+
+def _terminator(admin_url: str, databases: list[str], stop: threading.Event) -> list[int]:
+    killed: list[int] = []
+    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+
+    def loop() -> None:
+        with engine.connect() as conn:
+            while not stop.is_set():
+                n = conn.execute(
+                    sa.text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = ANY(:dbs) AND pid <> pg_backend_pid()"
+                    ),
+                    {"dbs": databases},
+                ).scalar_one()
+                killed.append(int(n))
+                time.sleep(0.4)
+        engine.dispose()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return killed
+
+
+def test_postgres_connections_killed_mid_run(
+    tmp_path: Path,
+    moto_s3: Any,
+    moto_endpoint: str,
+    pg_admin_url: str,
+    pg_database: Callable[[str], str],
+) -> None:
+    ledger, app = pg_database("fledger"), pg_database("fapp")
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=ledger,
+        app=app,
+        count=300,
+        size=128,
+        chunk_size=10,
+        concurrency=4,
+        delete_source="per_chunk",
+        max_attempts=50,
+    )
+    proc = start_run(job.config_path)
+    wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
+    stop = threading.Event()
+    names = [sa.engine.make_url(u).database or "" for u in (ledger, app)]
+    killed = _terminator(pg_admin_url, names, stop)
+    time.sleep(4)
+    stop.set()
+    assert sum(killed) > 0, "no connection was killed: the fault did not happen"
+    assert invariant_violations(job) == []
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if proc.returncode != 0:  # rows that ran out of attempts: the next run finishes them
+        again = start_run(job.config_path)
+        _, err = again.communicate(timeout=240)
+        assert again.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
+    assert invariant_violations(job) == []
+    assert_converged(job)
+
+
+def test_sqlite_ledger_locked_by_another_process(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    job = sqlite_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        with_app=True,
+        count=200,
+        size=128,
+        chunk_size=10,
+        concurrency=4,
+        delete_source="per_chunk",
+    )
+    proc = start_run(job.config_path)
+    wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
+    holder = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None, timeout=30)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    time.sleep(3)
+    assert proc.poll() is None, "the run should be waiting for the lock, not finished"
+    holder.execute("ROLLBACK")
+    holder.close()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert invariant_violations(job) == []
+    assert_converged(job)
