@@ -101,3 +101,44 @@ def test_sigkill_at_random_moments_loses_nothing(
     assert final.returncode == 0, err.decode()[-2000:]
     assert invariant_violations(job) == []
     assert_converged(job)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_one_worker_killed_while_the_supervisor_lives(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
+        app=f"sqlite:///{tmp_path / 'app.db'}",
+        count=400,
+        size=256,
+        delete_source="per_chunk",
+        chunk_size=8,
+        concurrency=2,
+        lease_seconds=300,  # recovery must not wait for expiry: the supervisor frees the rows
+    )
+    proc = start_run(job.config_path)
+    wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
+    # Workers are forked by the fork server, the supervisor's child.
+    workers = [w for c in children(proc.pid) for w in children(c)]
+    assert workers, "no worker processes found"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "starting another" in err.decode()
+    assert invariant_violations(job) == []
+    assert_converged(job)
