@@ -1,0 +1,1 @@
+"""Benchmarks and long-running reliability runs (``make bench``; not part of ``make test``)."""
