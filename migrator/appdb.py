@@ -21,6 +21,20 @@ from migrator.ledger.repo import safe_url
 _IN_BATCH = 1000
 
 
+def _make_engine(url: str) -> Engine:
+    if make_url(url).get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4)
+    engine = sa.create_engine(url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # SQLite stores whatever bytes an application wrote; a value that is not UTF-8 must
+        # not stop a run or an audit (it cannot equal any key we look for).
+        dbapi_conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+
+    return engine
+
+
 class AppDatabase:
     """One table and column holding object keys, reflected and checked at start."""
 
@@ -31,9 +45,7 @@ class AppDatabase:
         if file and file != ":memory:" and not Path(file).is_file():
             # connecting would create an empty database file
             raise PreflightError(f"app database file {file} does not exist; fix app_db.url")
-        self.engine = engine or sa.create_engine(
-            cfg.url, pool_pre_ping=True, pool_size=2, max_overflow=4
-        )
+        self.engine = engine or _make_engine(cfg.url)
         self.table, self.column = self._reflect()
 
     def _reflect(self) -> tuple[sa.Table, sa.Column[Any]]:

@@ -29,7 +29,8 @@ class AuditResult:
     def add(self, kind: str, key: str) -> None:
         self.kinds[kind] += 1
         if len(self.examples[kind]) < EXAMPLES:
-            self.examples[kind].append(key)
+            # app values that were not UTF-8 carry surrogates: show their bytes escaped
+            self.examples[kind].append(key.encode("utf-8", "backslashreplace").decode())
 
     @property
     def ok(self) -> bool:

@@ -27,6 +27,7 @@ from migrator.errors import (
     redact,
 )
 from migrator.ledger.repo import Ledger, open_existing_ledger
+from migrator.logs import setup_logging
 from migrator.progress import fmt_eta
 from migrator.supervisor import preflight, run_job, run_plan
 
@@ -67,7 +68,7 @@ def config_option(fn: F) -> F:
         "config_path",
         default="config.yaml",
         show_default=True,
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),
         help="Job configuration file.",
     )(fn)
 
@@ -99,8 +100,7 @@ def main(verbose: int) -> None:
       migrator status --json           progress for scripts
     """
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("botocore").setLevel(max(level, logging.WARNING))
+    setup_logging(level)
 
 
 @main.command()
@@ -219,7 +219,7 @@ def retry_failed(config_path: Path) -> None:
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Output file: .csv or .parquet.",
 )
 @handle_errors
@@ -229,7 +229,7 @@ def report(config_path: Path, out: Path) -> None:
     Example: migrator report --out report.parquet
     """
     cfg = _load(config_path)
-    if out.suffix.lower() not in (".csv", ".parquet"):
+    if out.suffix.lower() not in (".csv", ".parquet") or out.is_dir():
         _fail(f"--out {out}: use a .csv or .parquet file name", EXIT_USAGE)
     from migrator.report import write_report  # pandas and pyarrow load only when needed
 

@@ -18,6 +18,8 @@ from migrator.keys import prefixes_overlap
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
 ENV_APP_DB_URL = "MIGRATOR_APP_DB_URL"
+MAX_CONFIG_BYTES = 1_000_000
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -51,7 +53,8 @@ class Location(_Strict):
     def _bucket_name(cls, v: str) -> str:
         if not _BUCKET_RE.match(v):
             raise ValueError(
-                f"{v!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, '.', '-')"
+                f"{_short(v)} is not a valid S3 bucket name "
+                "(3-63 lowercase letters, digits, '.', '-')"
             )
         return v
 
@@ -59,7 +62,7 @@ class Location(_Strict):
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"{v!r} is not an http(s) URL, e.g. http://127.0.0.1:9000")
+            raise ValueError(f"{_short(v)} is not an http(s) URL, e.g. http://127.0.0.1:9000")
         return v
 
 
@@ -83,19 +86,19 @@ class Config(_Strict):
     source: Location
     destination: Location
     app_db: AppDB | None = None
-    workers: int = Field(default=4, ge=1, le=64)
-    concurrency: int = Field(default=16, ge=1, le=256)
-    chunk_size: int = Field(default=500, ge=1, le=10_000)
+    workers: int = Field(strict=True, default=4, ge=1, le=64)
+    concurrency: int = Field(strict=True, default=16, ge=1, le=256)
+    chunk_size: int = Field(strict=True, default=500, ge=1, le=10_000)
     delete_source: Literal["after_all", "per_chunk", "never"] = "after_all"
     on_conflict: Literal["fail", "overwrite", "skip"] = "fail"
-    max_attempts: int = Field(default=5, ge=1, le=100)
-    lease_seconds: int = Field(default=60, ge=5, le=3600)
+    max_attempts: int = Field(strict=True, default=5, ge=1, le=100)
+    lease_seconds: int = Field(strict=True, default=60, ge=5, le=3600)
 
     @field_validator("job")
     @classmethod
     def _job(cls, v: str) -> str:
         if not _JOB_RE.match(v):
-            raise ValueError(f"{v!r} must be 1-100 letters, digits, '_', '.' or '-'")
+            raise ValueError(f"{_short(v)} must be 1-100 letters, digits, '_', '.' or '-'")
         return v
 
     @field_validator("ledger")
@@ -130,6 +133,11 @@ class Config(_Strict):
             "destination": f"s3://{self.destination.bucket}/{self.destination.prefix}",
             "delete_source": self.delete_source,
         }
+
+
+def _short(value: str, limit: int = 60) -> str:
+    """A value quoted in an error line, cut so a huge value cannot flood the terminal."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")
 
 
 def _parse_db_url(value: str, backends: tuple[str, ...]) -> URL:
@@ -190,12 +198,19 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     """Read, override from the environment and validate; raise ConfigError with clear lines."""
     env = dict(os.environ) if env is None else env
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; pass --config with the path of a YAML file")
     if not p.is_file():
         raise ConfigError(
             f"{p}: config file not found; pass --config PATH or create config.yaml (see README)"
         )
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{p}: {p.stat().st_size:,} bytes is too large for a config file "
+                f"(at most {MAX_CONFIG_BYTES:,})"
+            )
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -203,6 +218,10 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: YAML nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

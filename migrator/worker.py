@@ -20,6 +20,7 @@ from migrator.config import Config
 from migrator.errors import MigratorError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
+from migrator.logs import setup_logging
 from migrator.storage.s3 import ClientFactory
 
 log = logging.getLogger("migrator.worker")
@@ -120,6 +121,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
                             break
                         time.sleep(IDLE_SLEEP)
                         continue
+                    log.debug("claimed %d rows in states %s", len(rows), [s.value for s in states])
                     process_chunk(ctx, rows)
                     ledger.release(owner)
                     errors = 0
@@ -149,7 +151,7 @@ def worker_main(
     """Entry point of a worker process; its lease owner id carries its own PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor tells us to stop
     owner = lease_owner_id(serial)
-    logging.basicConfig(level=log_level, format=f"%(asctime)s {owner} %(levelname)s %(message)s")
+    setup_logging(log_level, owner)
     try:
         code = run_worker(cfg, owner, stop, delete_budget)
     except MigratorError as exc:

@@ -94,7 +94,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_directory_instead_of_file(tmp_path: Path) -> None:
     (line,) = problems(tmp_path)
-    assert "not found" in line
+    assert "is a directory" in line
 
 
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
