@@ -162,6 +162,7 @@ def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:
         "bytes": ledger.bytes_by_state(),
         "objects_per_second": round(rate, 2),
         "eta_seconds": round(remaining / rate) if rate > 0 and remaining else None,
+        "s3_retries": ledger.s3_retries(),
         "recent_errors": ledger.recent_errors(),
     }
 
@@ -190,7 +191,10 @@ def status(config_path: Path, as_json: bool) -> None:
         table.add_row(state, f"{n:,}", f"{doc['bytes'][state]:,}")
     out_console.print(table)
     eta = fmt_eta(doc["eta_seconds"]) if doc["eta_seconds"] is not None else "--"
-    out_console.print(f"throughput (last minute): {doc['objects_per_second']:,} obj/s · ETA {eta}")
+    out_console.print(
+        f"throughput (last minute): {doc['objects_per_second']:,} obj/s · ETA {eta} · "
+        f"S3 retries so far: {doc['s3_retries']:,}"
+    )
     for e in doc["recent_errors"]:
         out_console.print(
             f"  {e['at']}  {e['key']}  [{e['state']}, attempts {e['attempts']}]  {e['error']}",

@@ -21,7 +21,7 @@ from migrator.errors import MigratorError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.logs import setup_logging
-from migrator.storage.s3 import ClientFactory
+from migrator.storage.s3 import ClientFactory, RetryCounter
 
 log = logging.getLogger("migrator.worker")
 
@@ -93,12 +93,13 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
     engine = open_ledger(cfg.ledger, upgrade=False)
     ledger = Ledger(engine, cfg.job)
     pool_size = cfg.concurrency + 4
-    source_client = ClientFactory(cfg.source, max_pool=pool_size).client()
+    retries = RetryCounter()
+    source_client = ClientFactory(cfg.source, max_pool=pool_size).client(retries)
     dest_client = (
         source_client
         if cfg.source.model_dump(exclude={"bucket", "prefix"})
         == cfg.destination.model_dump(exclude={"bucket", "prefix"})
-        else ClientFactory(cfg.destination, max_pool=pool_size).client()
+        else ClientFactory(cfg.destination, max_pool=pool_size).client(retries)
     )
     appdb = AppDatabase(cfg.app_db) if cfg.app_db else None
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
@@ -124,6 +125,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
                     log.debug("claimed %d rows in states %s", len(rows), [s.value for s in states])
                     process_chunk(ctx, rows)
                     ledger.release(owner)
+                    ledger.add_s3_retries(retries.take())
                     errors = 0
                 except SQLAlchemyError as exc:
                     errors += 1
@@ -139,6 +141,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
             heartbeat.done.set()
             with contextlib.suppress(SQLAlchemyError):  # else the lease expires by itself
                 ledger.release(owner)
+                ledger.add_s3_retries(retries.take())
             if appdb is not None:
                 appdb.dispose()
             engine.dispose()

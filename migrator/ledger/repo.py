@@ -218,6 +218,22 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.name == self.job).values(planned_at=utcnow()))
 
+    def add_s3_retries(self, n: int) -> None:
+        if n:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.name == self.job)
+                    .values(s3_retries=jobs.c.s3_retries + n)
+                )
+
+    def s3_retries(self) -> int:
+        with self._read() as conn:
+            n = conn.execute(
+                sa.select(jobs.c.s3_retries).where(jobs.c.name == self.job)
+            ).scalar_one_or_none()
+        return int(n or 0)
+
     def list_jobs(self) -> list[str]:
         with self._read() as conn:
             return list(conn.execute(sa.select(jobs.c.name).order_by(jobs.c.name)).scalars())

@@ -36,6 +36,7 @@ jobs = sa.Table(
     sa.Column("destination", sa.Text, nullable=False),
     sa.Column("planned_at", sa.DateTime, nullable=True),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("s3_retries", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 objects = sa.Table(

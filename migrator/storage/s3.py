@@ -8,6 +8,7 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,6 +96,33 @@ def classify(exc: Exception) -> S3OperationError:
     return S3OperationError(ErrorKind.RETRYABLE, type(exc).__name__, str(exc))
 
 
+class RetryCounter:
+    """Counts the retries botocore made (``ResponseMetadata.RetryAttempts``) for a client's
+    calls, so throttling shows in ``migrator status`` instead of only as slowness."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def _add(self, metadata: Any) -> None:
+        n = int((metadata or {}).get("RetryAttempts", 0) or 0)
+        if n:
+            with self._lock:
+                self._count += n
+
+    def after_call(self, parsed: Any = None, **_: Any) -> None:
+        self._add((parsed or {}).get("ResponseMetadata"))
+
+    def after_error(self, exception: Any = None, **_: Any) -> None:
+        self._add((getattr(exception, "response", None) or {}).get("ResponseMetadata"))
+
+    def take(self) -> int:
+        """The retries counted since the last call."""
+        with self._lock:
+            n, self._count = self._count, 0
+        return n
+
+
 class ClientFactory:
     """Builds boto3 S3 clients for one side of the move (one client per process)."""
 
@@ -113,7 +141,7 @@ class ClientFactory:
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
 
-    def client(self) -> Any:
+    def client(self, retries: RetryCounter | None = None) -> Any:
         loc = self.location
         session = boto3.session.Session(profile_name=loc.profile) if loc.profile else boto3
         config = BotoConfig(
@@ -125,9 +153,13 @@ class ClientFactory:
             s3={"addressing_style": "path"} if loc.endpoint_url else None,
             request_checksum_calculation=self.request_checksums,
         )
-        return session.client(
+        client = session.client(
             "s3", endpoint_url=loc.endpoint_url, region_name=loc.region, config=config
         )
+        if retries is not None:
+            client.meta.events.register("after-call.s3", retries.after_call)
+            client.meta.events.register("after-call-error.s3", retries.after_error)
+        return client
 
 
 def check_bucket(client: Any, location: Location, side: str) -> None:

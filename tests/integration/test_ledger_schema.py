@@ -460,3 +460,27 @@ def test_plan_reset_takes_the_row_from_a_worker_holding_the_old_version(
     assert ledger.record_copied("host:1:a", [(row.id, "old")]) == set()
     now = _row_now(engine, row)
     assert now["state"] == State.PENDING.value and now["lease_owner"] is None
+
+
+def test_each_revision_downgrades_and_upgrades_keeping_the_rows(
+    engine: Engine, ledger: Ledger
+) -> None:
+    """Step down one revision at a time to the first and back up, on a populated ledger."""
+    ledger.ensure_job("s3://legacy/image/", "s3://production/avatar/")
+    ledger.upsert_page(planned(10))
+    ledger.add_s3_retries(7)
+    before = raw_rows(engine)
+    revisions = [
+        r.revision for r in ScriptDirectory(str(ALEMBIC_DIR)).walk_revisions("base", "heads")
+    ]
+    assert revisions[-1] == "0001" and len(revisions) >= 2
+    for target in revisions[1:]:  # newest first: step down to each older revision
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), target)
+        assert current_revision(engine) == target
+        assert raw_rows(engine) == before
+    with engine.begin() as conn:
+        command.upgrade(alembic_config(conn), "head")
+    assert current_revision(engine) == revisions[0]
+    assert raw_rows(engine) == before
+    assert ledger.s3_retries() == 0  # the counter came back with its default

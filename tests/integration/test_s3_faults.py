@@ -613,3 +613,25 @@ def test_delete_objects_per_key_errors_are_not_done_and_a_rerun_finishes_them(
     assert rerun.returncode == 0, rerun.stderr
     assert_converged(job)
     assert {r["state"] for r in ledger_rows(job.cfg).values()} == {"done"}
+
+
+def test_botocore_retries_are_counted_in_status(
+    tmp_path: Path, s3fast: Callable[..., S3Fast]
+) -> None:
+    server = s3fast("-fault-ops", "CopyObject", "-fail-rate", "0.1", "-seed", "21")
+    job = make_job(
+        tmp_path,
+        s3_client(server.endpoint),
+        server.endpoint,
+        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
+        app=None,
+        count=60,
+        size=64,
+        chunk_size=20,
+    )
+    assert run_job(job.cfg, console=Console(stderr=True, quiet=True)) == 0
+    injected = server.stats()["injected"]["slowdown"]
+    assert injected > 0, "no fault was injected"
+    doc = json.loads(run_cli("status", "--json", "--config", str(job.config_path)).stdout)
+    # Every injected 503 was retried by botocore once, and each retry is counted.
+    assert doc["s3_retries"] == injected
