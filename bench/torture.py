@@ -162,16 +162,16 @@ def main() -> int:
     binary = s3fast_binary()
     admin = sa.create_engine(args.pg, isolation_level="AUTOCOMMIT")
     trials = []
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"torture-{datetime.now(UTC).strftime('%Y-%m-%d')}.json"
     for n in range(args.trials):
         trial = run_trial(n, args, binary, admin)
         trials.append(trial)
         print(json.dumps(asdict(trial)), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-    out = RESULTS / f"torture-{stamp}.json"
-    out.write_text(
-        json.dumps({"args": vars(args), "trials": [asdict(t) for t in trials]}, indent=1)
-    )
+        # written after every trial, so an interrupted run still leaves its figures
+        out.write_text(
+            json.dumps({"args": vars(args), "trials": [asdict(t) for t in trials]}, indent=1)
+        )
     print(markdown(trials, args))
     bad = [t for t in trials if t.lost or t.early_deletes or not t.converged]
     return 1 if bad else 0
