@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from migrator.config import AppDB as AppDBConfig
-from migrator.errors import PreflightError, db_reason
+from migrator.errors import PreflightError, UnreachableError, db_reason
 from migrator.ledger.repo import safe_url
 
 _IN_BATCH = 1000
@@ -67,7 +67,7 @@ class AppDatabase:
             ) from None
         except SQLAlchemyError as exc:
             reason = db_reason(exc)
-            raise PreflightError(f"app database {where} is not reachable: {reason}") from None
+            raise UnreachableError(f"app database {where} is not reachable: {reason}") from None
         if self.cfg.column not in table.c:
             shown = ", ".join(c.name for c in table.c)
             raise PreflightError(

@@ -3,6 +3,7 @@
     MigratorError            base; carries a one-line message that says what to do next
     ├── ConfigError          config.yaml or the environment is wrong          → exit 2
     ├── PreflightError       a bucket, endpoint, table or column is unusable  → exit 2
+    │   └── UnreachableError the app database cannot be reached (a worker waits) → exit 2
     ├── LedgerError          the ledger database cannot be used               → exit 2
     └── StorageError         S3 refused or failed an operation                → exit 1
 
@@ -28,6 +29,10 @@ class ConfigError(MigratorError):
 
 class PreflightError(MigratorError):
     exit_code = 2
+
+
+class UnreachableError(PreflightError):
+    """A database could not be reached: fatal at start, worth waiting for mid-run."""
 
 
 class LedgerError(MigratorError):

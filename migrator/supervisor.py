@@ -23,8 +23,9 @@ from migrator.errors import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    LedgerError,
     PreflightError,
-    redact,
+    db_reason,
 )
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
 from migrator.plan import PlanTotals, plan_job
@@ -199,7 +200,8 @@ def _supervise(
                 p.join()
                 del procs[owner]
                 if p.exitcode != 0 and not stop_event.is_set():
-                    ledger.release(owner)
+                    with contextlib.suppress(SQLAlchemyError):  # else its leases expire
+                        ledger.release(owner)
                     if restarts < cfg.workers * 3:
                         restarts += 1
                         log.warning("worker %s exited with %s; starting another", owner, p.exitcode)
@@ -209,7 +211,7 @@ def _supervise(
             try:
                 display.update(Snapshot.from_counts(ledger.counts()), len(procs))
             except SQLAlchemyError as exc:
-                log.warning("cannot read progress: %s", redact(str(exc).splitlines()[0]))
+                log.warning("cannot read progress: %s", db_reason(exc))
     finally:
         display.stop()
         signal.signal(signal.SIGINT, old_int)
@@ -219,7 +221,7 @@ def _supervise(
         for owner in owners:  # workers release their rows; these are the ones that could not
             with contextlib.suppress(SQLAlchemyError):
                 ledger.release(owner)
-    counts = ledger.counts()
+    counts = _final_counts(ledger)
     snap = Snapshot.from_counts(counts)
     display.plain(snap, f"failed {snap.failed}")
     if stop.requested:
@@ -236,6 +238,23 @@ def _supervise(
         )
         return EXIT_FAILED_ROWS
     return finish_message(cfg, counts, console)
+
+
+def _final_counts(ledger: Ledger, tries: int = 60) -> dict[str, int]:
+    """The end-of-run counts, waiting out a ledger outage for up to about a minute."""
+    attempt = 0
+    while True:
+        try:
+            return ledger.counts()
+        except SQLAlchemyError as exc:
+            attempt += 1
+            if attempt >= tries:
+                raise LedgerError(
+                    f"ledger unreachable at the end of the run ({db_reason(exc)}); the work "
+                    "is recorded: run `migrator status` once it is back"
+                ) from None
+            log.warning("cannot read the ledger: %s; retrying", db_reason(exc))
+            time.sleep(1)
 
 
 def finish_message(cfg: Config, counts: dict[str, int], console: Console) -> int:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from migrator import stages
 from migrator.appdb import AppDatabase
 from migrator.config import Config
-from migrator.errors import MigratorError, db_reason, redact
+from migrator.errors import MigratorError, UnreachableError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.logs import setup_logging
@@ -72,7 +72,7 @@ class _Heartbeat(threading.Thread):
             try:
                 self.ledger.heartbeat(self.owner, self.lease_seconds)
             except SQLAlchemyError as exc:
-                log.warning("heartbeat failed: %s", redact(str(exc).splitlines()[0]))
+                log.warning("heartbeat failed: %s", db_reason(exc))
 
 
 class StopFlag:
@@ -85,6 +85,27 @@ class StopFlag:
 
     def is_set(self) -> bool:
         return self.event.is_set() or os.getppid() != self.parent
+
+
+def _open_appdb(cfg: Config, stop: StopFlag) -> AppDatabase | None:
+    """The app database for this worker; an outage at start (a restart, a failover) is
+    waited out with backoff instead of ending the worker."""
+    if cfg.app_db is None:
+        return None
+    attempt = 0
+    while True:
+        try:
+            return AppDatabase(cfg.app_db)
+        except UnreachableError as exc:
+            attempt += 1
+            if attempt >= MAX_CONSECUTIVE_ERRORS or stop.is_set():
+                raise
+            log.warning("%s (attempt %d); retrying", exc, attempt)
+            time.sleep(_backoff(attempt))
+
+
+def _backoff(errors: int) -> float:
+    return min(2 ** min(errors, 5), 30) / 4
 
 
 def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) -> int:
@@ -101,7 +122,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
         == cfg.destination.model_dump(exclude={"bucket", "prefix"})
         else ClientFactory(cfg.destination, max_pool=pool_size).client(retries)
     )
-    appdb = AppDatabase(cfg.app_db) if cfg.app_db else None
+    appdb = _open_appdb(cfg, local_stop)
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     heartbeat.start()
     errors = 0
@@ -136,7 +157,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
                     )
                     if errors >= MAX_CONSECUTIVE_ERRORS:
                         return EXIT_WORKER_ERROR
-                    time.sleep(min(2 ** min(errors, 5), 30) / 4)
+                    time.sleep(_backoff(errors))
         finally:
             heartbeat.done.set()
             with contextlib.suppress(SQLAlchemyError):  # else the lease expires by itself

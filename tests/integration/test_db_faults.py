@@ -110,3 +110,54 @@ def test_sqlite_ledger_locked_by_another_process(
     assert proc.returncode == 0, err.decode()[-2000:]
     assert invariant_violations(job) == []
     assert_converged(job)
+
+
+def test_postgres_outage_mid_run(
+    tmp_path: Path,
+    moto_s3: Any,
+    moto_endpoint: str,
+    pg_admin_url: str,
+    pg_database: Callable[[str], str],
+) -> None:
+    """Both databases refuse connections for 5 s (as during a restart); the run waits it out."""
+    ledger, app = pg_database("oledger"), pg_database("oapp")
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=ledger,
+        app=app,
+        count=300,
+        size=128,
+        chunk_size=10,
+        concurrency=4,
+        delete_source="per_chunk",
+        max_attempts=50,
+    )
+    names = [sa.engine.make_url(u).database or "" for u in (ledger, app)]
+    admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    proc = start_run(job.config_path)
+    wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
+    try:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = ANY(:dbs)"
+                ),
+                {"dbs": names},
+            )
+            time.sleep(5)
+            assert proc.poll() is None, "the run gave up during the outage"
+    finally:
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "not currently accepting connections" in err.decode()  # reported, then retried
+    assert invariant_violations(job) == []
+    assert_converged(job)
