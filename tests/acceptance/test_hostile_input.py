@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from tests.acceptance.test_bad_input import (
     ledger_tables,
     snapshot,
 )
-from tests.conftest import unique
+from tests.conftest import free_port, unique
 from tests.helpers import Job, list_keys, make_job, run_cli
 
 MAX_LINE = 1000  # an error line longer than this is not "one clear line"
@@ -465,3 +466,38 @@ def test_rows_with_invalid_utf8_keys_are_left_alone(job: Job) -> None:
     assert audit["checked"] == len(job.objects)
     assert set(audit["discrepancies"]) <= {"app row points at a source key that does not exist"}
     assert sqlite_paths(db) == after
+
+
+def test_access_denied_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """A real 403: a moto server with IAM checks on (INITIAL_NO_AUTH_ACTION_COUNT=0) refuses
+    credentials it does not know."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        config = tmp_path / "config.yaml"
+        config.write_text(
+            "job: denied\n"
+            f"ledger: sqlite:///{tmp_path / 'ledger.db'}\n"
+            f"source: {{bucket: legacy, prefix: image/, endpoint_url: '{endpoint}'}}\n"
+            f"destination: {{bucket: production, prefix: avatar/, endpoint_url: '{endpoint}'}}\n"
+        )
+        for command in ("plan", "run"):
+            proc = run_cli(command, "--config", str(config), cwd=tmp_path, timeout=60)
+            assert_rejected(proc, says=("access to bucket 'legacy' denied", "credentials"))
+        assert not (tmp_path / "ledger.db").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
