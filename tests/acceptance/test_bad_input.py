@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
+from tests import helpers
 from tests.conftest import free_port, unique
 from tests.helpers import Job, app_paths, list_keys, make_job, run_cli, write_config
 
@@ -76,14 +77,7 @@ def edit_config(job: Job, edit: Edit) -> None:
 @pytest.fixture
 def sqlite_job(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> Job:
     """A small job with a SQLite ledger (not yet created) and a SQLite app table."""
-    return make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
-        app=f"sqlite:///{tmp_path / 'app.db'}",
-        count=4,
-    )
+    return helpers.sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=True, count=4)
 
 
 def _set(section: str | None, **values: Any) -> Edit:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests import helpers
 from tests.acceptance.test_bad_input import (
     assert_nothing_written,
     assert_rejected,
@@ -40,14 +41,7 @@ MAX_LINE = 1000  # an error line longer than this is not "one clear line"
 @pytest.fixture
 def job(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> Job:
     """A small job with a SQLite ledger (not yet created) and a SQLite app table."""
-    return make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
-        app=f"sqlite:///{tmp_path / 'app.db'}",
-        count=4,
-    )
+    return helpers.sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=True, count=4)
 
 
 def assert_config_rejected(proc: Any, config: Path, says: Sequence[str] = ()) -> list[str]:

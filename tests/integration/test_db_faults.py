@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.acceptance.test_kill import start_run, wait_for_progress
-from tests.helpers import assert_converged, invariant_violations, make_job, sqlite_job
+from tests.helpers import Job, assert_converged, invariant_violations, make_job, sqlite_job
 
 
 def _terminator(admin_url: str, databases: list[str], stop: threading.Event) -> list[int]:
@@ -40,13 +40,10 @@ def _terminator(admin_url: str, databases: list[str], stop: threading.Event) -> 
     return killed
 
 
-def test_postgres_connections_killed_mid_run(
-    tmp_path: Path,
-    moto_s3: Any,
-    moto_endpoint: str,
-    pg_admin_url: str,
-    pg_database: Callable[[str], str],
-) -> None:
+def postgres_job(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, pg_database: Callable[[str], str]
+) -> tuple[Job, list[str]]:
+    """300 objects, ledger and app table in their own Postgres databases (and their names)."""
     ledger, app = pg_database("fledger"), pg_database("fapp")
     job = make_job(
         tmp_path,
@@ -61,10 +58,20 @@ def test_postgres_connections_killed_mid_run(
         delete_source="per_chunk",
         max_attempts=50,
     )
+    return job, [sa.engine.make_url(u).database or "" for u in (ledger, app)]
+
+
+def test_postgres_connections_killed_mid_run(
+    tmp_path: Path,
+    moto_s3: Any,
+    moto_endpoint: str,
+    pg_admin_url: str,
+    pg_database: Callable[[str], str],
+) -> None:
+    job, names = postgres_job(tmp_path, moto_s3, moto_endpoint, pg_database)
     proc = start_run(job.config_path)
     wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
     stop = threading.Event()
-    names = [sa.engine.make_url(u).database or "" for u in (ledger, app)]
     killed = _terminator(pg_admin_url, names, stop)
     time.sleep(4)
     stop.set()
@@ -120,21 +127,7 @@ def test_postgres_outage_mid_run(
     pg_database: Callable[[str], str],
 ) -> None:
     """Both databases refuse connections for 5 s (as during a restart); the run waits it out."""
-    ledger, app = pg_database("oledger"), pg_database("oapp")
-    job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=ledger,
-        app=app,
-        count=300,
-        size=128,
-        chunk_size=10,
-        concurrency=4,
-        delete_source="per_chunk",
-        max_attempts=50,
-    )
-    names = [sa.engine.make_url(u).database or "" for u in (ledger, app)]
+    job, names = postgres_job(tmp_path, moto_s3, moto_endpoint, pg_database)
     admin = sa.create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
     proc = start_run(job.config_path)
     wait_for_progress(proc, moto_s3, job.cfg.destination.bucket, 0)
