@@ -45,8 +45,8 @@ class AuditResult:
         }
 
 
-def _listing(client: Any, bucket: str, prefix: str) -> Iterator[s3.ListedObject]:
-    for page in s3.list_pages(client, bucket, prefix):
+def _listing(client: s3.S3Service, bucket: str, prefix: str) -> Iterator[s3.ListedObject]:
+    for page in client.list_pages(bucket, prefix):
         yield from page
 
 
@@ -73,7 +73,7 @@ def audit(cfg: Config, res: Resources) -> AuditResult:
     for row, obj in merge_by_key(
         ledger.iter_sorted("dest_key", done),
         "dest_key",
-        _listing(res.dest_client, dst.bucket, dst.prefix),
+        _listing(res.dest, dst.bucket, dst.prefix),
     ):
         result.checked += 1
         if obj is None:
@@ -85,7 +85,7 @@ def audit(cfg: Config, res: Resources) -> AuditResult:
     for row, obj in merge_by_key(
         ledger.iter_sorted("source_key", done),
         "source_key",
-        _listing(res.source_client, src.bucket, src.prefix),
+        _listing(res.source, src.bucket, src.prefix),
     ):
         if cfg.delete_source == "never":
             if obj is None:
@@ -94,8 +94,8 @@ def audit(cfg: Config, res: Resources) -> AuditResult:
             result.add("source left behind", row["source_key"])
     if res.appdb is not None:
         for side, loc, client in (
-            ("destination", dst, res.dest_client),
-            ("source", src, res.source_client),
+            ("destination", dst, res.dest),
+            ("source", src, res.source),
         ):
             values = ({"value": v} for v in res.appdb.iter_values(loc.prefix))
             listing = _listing(client, loc.bucket, loc.prefix)

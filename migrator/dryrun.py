@@ -37,11 +37,11 @@ class Preview:
 
 
 def preview(
-    cfg: Config, client: object, appdb: AppDatabase | None, ledger: Ledger | None
+    cfg: Config, client: s3.S3Service, appdb: AppDatabase | None, ledger: Ledger | None
 ) -> Preview:
     src, dst = cfg.source, cfg.destination
     p = Preview()
-    for page in s3.list_pages(client, src.bucket, src.prefix):
+    for page in client.list_pages(src.bucket, src.prefix):
         states = ledger.states_of([o.key for o in page]) if ledger is not None else {}
         rewrite: list[str] = []
         for o in page:
@@ -74,6 +74,7 @@ def dry_run(cfg: Config, out: Console) -> Preview:
     try:
         p = preview(cfg, client, appdb, ledger)
     finally:
+        client.close()
         if appdb is not None:
             appdb.dispose()
         if ledger is not None:

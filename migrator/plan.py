@@ -9,7 +9,6 @@ from typing import Any
 from migrator.config import Config
 from migrator.keys import map_key
 from migrator.ledger.repo import Ledger, Planned
-from migrator.storage import s3
 
 
 @dataclass
@@ -31,7 +30,7 @@ def plan_job(
     src, dst = cfg.source, cfg.destination
     ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
     totals = PlanTotals()
-    for page in s3.list_pages(source_client, src.bucket, src.prefix):
+    for page in source_client.list_pages(src.bucket, src.prefix):
         result = ledger.upsert_page(
             [
                 Planned(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,10 +51,9 @@ class ChunkContext:
     cfg: Config
     ledger: Ledger
     owner: str
-    source_client: Any
-    dest_client: Any
+    source: s3.S3Service
+    dest: s3.S3Service
     appdb: AppDatabase | None
-    pool: ThreadPoolExecutor
     stop: Any  # has is_set(): the worker's StopFlag
     budget: DeleteBudget | None = None
 
@@ -71,30 +69,23 @@ class CopyOutcome:
     conflict_skipped: bool = False  # on_conflict: skip, and the destination holds another object
 
 
-def copy_one(ctx: ChunkContext, row: ObjectRow) -> CopyOutcome:
-    """Copy one object (exactly the planned version) and verify the destination."""
-    if ctx.stop.is_set():
+def _outcome(
+    ctx: ChunkContext, row: ObjectRow, result: str | s3.S3OperationError | None, guarded: bool
+) -> CopyOutcome:
+    """What one copy request's result means for its row (more requests only on errors)."""
+    if result is None:
         return CopyOutcome(row, not_sent=True)
-    guarded = ctx.cfg.on_conflict != "overwrite"
-    try:
-        etag = _copy(ctx, row, if_absent=guarded)
-    except s3.S3OperationError as err:
-        if guarded and err.kind is s3.ErrorKind.SOURCE_CHANGED:
-            return _precondition_failed(ctx, row, err)
-        return _copy_failed(ctx, row, err)
-    return _verify(ctx, row, etag)
+    if isinstance(result, s3.S3OperationError):
+        if guarded and result.kind is s3.ErrorKind.SOURCE_CHANGED:
+            return _precondition_failed(ctx, row, result)
+        return _copy_failed(ctx, row, result)
+    return _verify(ctx, row, result)
 
 
 def _copy(ctx: ChunkContext, row: ObjectRow, *, if_absent: bool) -> str:
     src, dst = ctx.cfg.source, ctx.cfg.destination
-    return s3.copy(
-        ctx.dest_client,
-        src.bucket,
-        row.source_key,
-        dst.bucket,
-        row.dest_key,
-        row.etag,
-        if_absent=if_absent,
+    return ctx.dest.copy(
+        src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag, if_absent=if_absent
     )
 
 
@@ -108,7 +99,7 @@ def _precondition_failed(
     since) → overwrite it; anything else is a conflict, handled per ``on_conflict``.
     """
     try:
-        found = s3.head(ctx.dest_client, ctx.cfg.destination.bucket, row.dest_key)
+        found = ctx.dest.head(ctx.cfg.destination.bucket, row.dest_key)
         if found is None:
             return _copy_failed(ctx, row, err)
         if found.size == row.size and found.etag == row.etag:
@@ -133,7 +124,7 @@ def _copy_failed(ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError) ->
     try:
         if err.kind is s3.ErrorKind.SOURCE_MISSING:
             # A destination that already holds the planned object counts as copied.
-            found = s3.head(ctx.dest_client, dst.bucket, row.dest_key)
+            found = ctx.dest.head(dst.bucket, row.dest_key)
             if found is not None and _same_object(row, found):
                 return CopyOutcome(row, dest_etag=found.etag)
             return CopyOutcome(
@@ -142,7 +133,7 @@ def _copy_failed(ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError) ->
                 permanent=True,
             )
         if err.kind is s3.ErrorKind.SOURCE_CHANGED:
-            now = s3.head(ctx.source_client, src.bucket, row.source_key)
+            now = ctx.source.head(src.bucket, row.source_key)
             if now is None:
                 return CopyOutcome(
                     row, error="source object no longer exists (deleted after plan)", permanent=True
@@ -167,7 +158,7 @@ def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str) -> CopyOutcome:
             )
         return CopyOutcome(row, dest_etag=dest_etag)
     try:
-        found = s3.head(ctx.dest_client, ctx.cfg.destination.bucket, row.dest_key)
+        found = ctx.dest.head(ctx.cfg.destination.bucket, row.dest_key)
     except s3.S3OperationError as err:
         return CopyOutcome(row, error=f"verify: {err}")
     if found is None or found.size != row.size:
@@ -181,7 +172,15 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     destination (with those that already were)."""
     pending = [r for r in rows if r.state is State.PENDING]
     ready = [r for r in rows if r.state is State.COPIED]
-    outcomes = list(ctx.pool.map(lambda r: copy_one(ctx, r), pending))
+    guarded = ctx.cfg.on_conflict != "overwrite"
+    results = ctx.dest.copy_many(
+        ctx.cfg.source.bucket,
+        ctx.cfg.destination.bucket,
+        [(r.source_key, r.dest_key, r.etag) for r in pending],
+        if_absent=guarded,
+        stop=ctx.stop,
+    )
+    outcomes = [_outcome(ctx, r, res, guarded) for r, res in zip(pending, results, strict=True)]
     copied = [o for o in outcomes if o.dest_etag is not None]
     held = ctx.ledger.record_copied(ctx.owner, [(o.row.id, o.dest_etag or "") for o in copied])
     for o in outcomes:
@@ -261,7 +260,7 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
     done: list[ObjectRow] = []
     failures: list[tuple[ObjectRow, str]] = []
     for batch in keys.batched(todo, s3.DELETE_BATCH):
-        errors = s3.delete(ctx.source_client, ctx.cfg.source.bucket, [r.source_key for r in batch])
+        errors = ctx.source.delete(ctx.cfg.source.bucket, [r.source_key for r in batch])
         for r in batch:
             if r.source_key in errors:
                 failures.append((r, redact(f"delete: {errors[r.source_key]}")))

@@ -44,11 +44,12 @@ class Resources:
 
     engine: Engine
     ledger: Ledger
-    source_client: Any
-    dest_client: Any
+    source: s3.S3Service
+    dest: s3.S3Service
     appdb: AppDatabase | None
 
     def close(self) -> None:
+        self.source.close()
         if self.appdb is not None:
             self.appdb.dispose()
         self.engine.dispose()
@@ -60,8 +61,8 @@ def same_endpoint(cfg: Config) -> bool:
     )
 
 
-def check_s3(cfg: Config) -> Any:
-    """Both buckets reachable through one S3 service; returns the client for this process."""
+def check_s3(cfg: Config) -> s3.S3Service:
+    """Both buckets reachable through one S3 service; returns that service for this process."""
     if not same_endpoint(cfg):
         raise PreflightError(
             "source and destination use different endpoints, regions or profiles; "
@@ -72,21 +73,26 @@ def check_s3(cfg: Config) -> Any:
     ).client()
     s3.check_bucket(probe, cfg.source, "source")
     s3.check_bucket(probe, cfg.destination, "destination")
-    return s3.ClientFactory(cfg.source, max_pool=cfg.concurrency + 4).client()
+    return s3.service(cfg.source, cfg.transport, cfg.concurrency)
 
 
 def preflight(cfg: Config) -> Resources:
     """Check everything a run needs before anything is written: buckets, app table and column,
     then the ledger (created or upgraded last, so bad input leaves nothing behind)."""
-    client = check_s3(cfg)
-    appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
+    service = check_s3(cfg)
+    try:
+        appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
+    except Exception:
+        service.close()
+        raise
     try:
         engine = open_ledger(cfg.ledger)
     except Exception:
         if appdb is not None:
             appdb.dispose()
+        service.close()
         raise
-    return Resources(engine, Ledger(engine, cfg.job), client, client, appdb)
+    return Resources(engine, Ledger(engine, cfg.job), service, service, appdb)
 
 
 def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
@@ -97,7 +103,7 @@ def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
             last[0] = time.monotonic()
             console.print(f"planning: {t.listed:,} objects listed", highlight=False)
 
-    totals = plan_job(cfg, res.ledger, res.source_client, on_page)
+    totals = plan_job(cfg, res.ledger, res.source, on_page)
     console.print(
         f"planned {cfg.job}: {totals.listed:,} listed, {totals.added:,} new, "
         f"{totals.reset:,} changed, {totals.unchanged:,} unchanged",

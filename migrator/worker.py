@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,7 +20,8 @@ from migrator.errors import MigratorError, UnreachableError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.logs import setup_logging
-from migrator.storage.s3 import ClientFactory, RetryCounter
+from migrator.storage import s3
+from migrator.storage.s3 import RetryCounter
 
 log = logging.getLogger("migrator.worker")
 
@@ -113,59 +113,51 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
     local_stop = StopFlag(stop)
     engine = open_ledger(cfg.ledger, upgrade=False)
     ledger = Ledger(engine, cfg.job)
-    pool_size = cfg.concurrency + 4
     retries = RetryCounter()
-    source_client = ClientFactory(cfg.source, max_pool=pool_size).client(retries)
-    dest_client = (
-        source_client
-        if cfg.source.model_dump(exclude={"bucket", "prefix"})
-        == cfg.destination.model_dump(exclude={"bucket", "prefix"})
-        else ClientFactory(cfg.destination, max_pool=pool_size).client(retries)
-    )
+    source = s3.service(cfg.source, cfg.transport, cfg.concurrency, retries)
+    dest = source  # server-side copy: one S3 service for both buckets (checked at start)
     appdb = _open_appdb(cfg, local_stop)
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     heartbeat.start()
     errors = 0
-    with ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="s3") as pool:
-        budget = stages.DeleteBudget(delete_budget) if delete_budget is not None else None
-        ctx = stages.ChunkContext(
-            cfg, ledger, owner, source_client, dest_client, appdb, pool, local_stop, budget
-        )
-        try:
-            while True:
-                if local_stop.is_set():
-                    break
-                try:
-                    states = claim_states(cfg, ledger, budget)
-                    rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
-                    if not rows:
-                        if not ledger.any_in_states(states):
-                            break
-                        time.sleep(IDLE_SLEEP)
-                        continue
-                    log.debug("claimed %d rows in states %s", len(rows), [s.value for s in states])
-                    process_chunk(ctx, rows)
-                    ledger.release(owner)
-                    ledger.add_s3_retries(retries.take())
-                    errors = 0
-                except SQLAlchemyError as exc:
-                    errors += 1
-                    log.warning(
-                        "ledger or app database error (%d in a row): %s",
-                        errors,
-                        db_reason(exc),
-                    )
-                    if errors >= MAX_CONSECUTIVE_ERRORS:
-                        return EXIT_WORKER_ERROR
-                    time.sleep(_backoff(errors))
-        finally:
-            heartbeat.done.set()
-            with contextlib.suppress(SQLAlchemyError):  # else the lease expires by itself
+    budget = stages.DeleteBudget(delete_budget) if delete_budget is not None else None
+    ctx = stages.ChunkContext(cfg, ledger, owner, source, dest, appdb, local_stop, budget)
+    try:
+        while True:
+            if local_stop.is_set():
+                break
+            try:
+                states = claim_states(cfg, ledger, budget)
+                rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
+                if not rows:
+                    if not ledger.any_in_states(states):
+                        break
+                    time.sleep(IDLE_SLEEP)
+                    continue
+                log.debug("claimed %d rows in states %s", len(rows), [s.value for s in states])
+                process_chunk(ctx, rows)
                 ledger.release(owner)
                 ledger.add_s3_retries(retries.take())
-            if appdb is not None:
-                appdb.dispose()
-            engine.dispose()
+                errors = 0
+            except SQLAlchemyError as exc:
+                errors += 1
+                log.warning(
+                    "ledger or app database error (%d in a row): %s",
+                    errors,
+                    db_reason(exc),
+                )
+                if errors >= MAX_CONSECUTIVE_ERRORS:
+                    return EXIT_WORKER_ERROR
+                time.sleep(_backoff(errors))
+    finally:
+        heartbeat.done.set()
+        with contextlib.suppress(SQLAlchemyError):  # else the lease expires by itself
+            ledger.release(owner)
+            ledger.add_s3_retries(retries.take())
+        if appdb is not None:
+            appdb.dispose()
+        source.close()
+        engine.dispose()
     return 0
 
 

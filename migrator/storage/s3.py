@@ -7,11 +7,9 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 
 from __future__ import annotations
 
-import enum
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -20,57 +18,17 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from migrator.config import Location
 from migrator.errors import PreflightError
+from migrator.storage.common import (
+    ErrorKind,
+    Head,
+    ListedObject,
+    S3OperationError,
+    classify_code,
+    strip_etag,
+)
+from migrator.storage.crt import CrtS3
 
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1,000 keys
-
-
-class ErrorKind(enum.Enum):
-    SOURCE_MISSING = "source_missing"  # NoSuchKey on the copy source
-    SOURCE_CHANGED = "source_changed"  # CopySourceIfMatch failed: the source is a new version
-    PERMANENT = "permanent"  # retrying cannot help (access denied, invalid request, ...)
-    RETRYABLE = "retryable"  # throttling or network trouble that outlived botocore's retries
-
-
-_PERMANENT_CODES = {
-    "403",  # HEAD responses carry no error body, only the status
-    "AccessDenied",
-    "AllAccessDisabled",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "NoSuchBucket",
-    "InvalidRequest",
-    "InvalidArgument",
-    "KeyTooLongError",
-    "InvalidObjectState",
-    "MethodNotAllowed",
-}
-
-
-@dataclass(frozen=True)
-class ListedObject:
-    key: str
-    size: int
-    etag: str
-    last_modified: datetime | None
-
-
-@dataclass(frozen=True)
-class Head:
-    size: int
-    etag: str
-
-
-class S3OperationError(Exception):
-    """One object's operation failed; ``kind`` tells the caller what to do with the row."""
-
-    def __init__(self, kind: ErrorKind, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.kind = kind
-        self.code = code
-
-
-def strip_etag(etag: str) -> str:
-    return etag.strip('"')
 
 
 def error_code(exc: ClientError) -> str:
@@ -81,18 +39,9 @@ def error_code(exc: ClientError) -> str:
 def classify(exc: Exception) -> S3OperationError:
     """Map a boto3/botocore exception to an :class:`S3OperationError` with its kind."""
     if isinstance(exc, ClientError):
-        code = error_code(exc)
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = exc.response.get("Error", {}).get("Message") or str(exc)
-        if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
-            return S3OperationError(ErrorKind.SOURCE_MISSING, code, message)
-        if code in ("PreconditionFailed", "412") or status == 412:
-            return S3OperationError(ErrorKind.SOURCE_CHANGED, code, message)
-        if code in _PERMANENT_CODES:
-            return S3OperationError(ErrorKind.PERMANENT, code, message)
-        return S3OperationError(ErrorKind.RETRYABLE, code, message)
-    if isinstance(exc, BotoCoreError):
-        return S3OperationError(ErrorKind.RETRYABLE, type(exc).__name__, str(exc))
+        return classify_code(error_code(exc), status, message)
     return S3OperationError(ErrorKind.RETRYABLE, type(exc).__name__, str(exc))
 
 
@@ -115,6 +64,10 @@ class RetryCounter:
 
     def after_error(self, exception: Any = None, **_: Any) -> None:
         self._add((getattr(exception, "response", None) or {}).get("ResponseMetadata"))
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
 
     def take(self) -> int:
         """The retries counted since the last call."""
@@ -140,10 +93,11 @@ class ClientFactory:
         self.max_pool = max_pool
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
+        self.session = boto3.session.Session(profile_name=location.profile or None)
 
     def client(self, retries: RetryCounter | None = None) -> Any:
         loc = self.location
-        session = boto3.session.Session(profile_name=loc.profile) if loc.profile else boto3
+        session = self.session
         config = BotoConfig(
             retries={"mode": "adaptive", "max_attempts": self.max_attempts},
             max_pool_connections=self.max_pool,
@@ -267,3 +221,112 @@ def delete(client: Any, bucket: str, keys: list[str]) -> dict[str, str]:
         err = classify(exc)
         return dict.fromkeys(keys, str(err))
     return {e["Key"]: f"{e.get('Code')}: {e.get('Message', '')}" for e in resp.get("Errors", ())}
+
+
+class S3Service:
+    """One side's S3 for one process. The hot calls (copy, delete, list) go through the CRT
+    path when it is configured, else through boto3 on a thread pool; the rare ones (HEAD, the
+    pre-flight checks) always through boto3."""
+
+    def __init__(self, boto: Any, fast: CrtS3 | None, threads: int) -> None:
+        self.boto = boto
+        self.fast = fast
+        self.threads = threads
+        self._pool: ThreadPoolExecutor | None = None
+
+    def list_pages(self, bucket: str, prefix: str) -> Iterator[list[ListedObject]]:
+        if self.fast is not None:
+            return self.fast.list_pages(bucket, prefix)
+        return list_pages(self.boto, bucket, prefix)
+
+    def head(self, bucket: str, key: str) -> Head | None:
+        return head(self.boto, bucket, key)
+
+    def copy(
+        self,
+        src_bucket: str,
+        src_key: str,
+        dst_bucket: str,
+        dst_key: str,
+        if_match: str,
+        *,
+        if_absent: bool = False,
+    ) -> str:
+        """One copy; see :func:`copy`. Raises :class:`S3OperationError`."""
+        [result] = self.copy_many(
+            src_bucket, dst_bucket, [(src_key, dst_key, if_match)], if_absent=if_absent
+        )
+        if isinstance(result, S3OperationError):
+            raise result
+        assert result is not None
+        return result
+
+    def copy_many(
+        self,
+        src_bucket: str,
+        dst_bucket: str,
+        items: Sequence[tuple[str, str, str]],
+        *,
+        if_absent: bool,
+        stop: Any = None,
+    ) -> list[str | S3OperationError | None]:
+        """Copies of ``(source key, destination key, source ETag)`` in parallel: per item the
+        destination ETag, the error, or None when ``stop`` was set before it was sent."""
+        if self.fast is not None:
+            return self.fast.copy_many(
+                src_bucket, dst_bucket, items, if_absent=if_absent, stop=stop
+            )
+
+        def one(item: tuple[str, str, str]) -> str | S3OperationError | None:
+            if stop is not None and stop.is_set():
+                return None
+            try:
+                return copy(
+                    self.boto,
+                    src_bucket,
+                    item[0],
+                    dst_bucket,
+                    item[1],
+                    item[2],
+                    if_absent=if_absent,
+                )
+            except S3OperationError as err:
+                return err
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3")
+        return list(self._pool.map(one, items))
+
+    def delete(self, bucket: str, keys: list[str]) -> dict[str, str]:
+        if len(keys) > DELETE_BATCH:
+            raise ValueError(f"at most {DELETE_BATCH} keys per DeleteObjects request")
+        if self.fast is not None:
+            return self.fast.delete(bucket, keys)
+        return delete(self.boto, bucket, keys)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+        if self.fast is not None:
+            self.fast.close()
+
+
+def service(
+    location: Location, transport: str, concurrency: int, retries: RetryCounter | None = None
+) -> S3Service:
+    """The :class:`S3Service` for one side, ``concurrency`` requests in flight."""
+    factory = ClientFactory(location, max_pool=concurrency + 4)
+    boto = factory.client(retries)
+    fast = None
+    if transport == "crt":
+        fast = CrtS3(
+            boto,
+            factory.session.get_credentials(),
+            boto.meta.region_name,
+            max_connections=concurrency,
+            max_attempts=factory.max_attempts,
+            connect_timeout=factory.connect_timeout,
+            ca_bundle=factory.session._session.get_config_variable("ca_bundle"),
+            retry_counter=retries,
+        )
+    return S3Service(boto, fast, concurrency)

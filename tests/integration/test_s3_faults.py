@@ -183,6 +183,7 @@ class FaultCase:
     concurrency: int = 8
     max_requests_per_object: float = 1.5
     max_attempts: int = 5
+    transport: str = "crt"
 
 
 CHUNK = 25
@@ -196,6 +197,26 @@ CASES = [
         ledger="sqlite",
         app="postgres",
         faulted=None,
+    ),
+    FaultCase(
+        "slowdown-5pct-boto3",
+        ("-fail-rate", "0.05", "-seed", "21"),
+        150,
+        "per_chunk",
+        ledger="sqlite",
+        app="sqlite",
+        faulted=None,
+        transport="boto3",
+    ),
+    FaultCase(
+        "reset-1pct-boto3",
+        ("-reset-rate", "0.01", "-seed", "22"),
+        150,
+        "after_all",
+        ledger="sqlite",
+        app="sqlite",
+        faulted=None,
+        transport="boto3",
     ),
     FaultCase(
         "reset-1pct",
@@ -300,6 +321,7 @@ def test_fault_matrix(
         chunk_size=CHUNK,
         delete_source=case.delete_source,
         max_attempts=case.max_attempts,
+        transport=case.transport,
     )
     server.reset_stats()  # count the run only, not the seeding
     monitor = DeleteOrderMonitor(job, server.endpoint)

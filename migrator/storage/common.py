@@ -1,0 +1,67 @@
+"""What both S3 request paths share: listed objects, heads, and errors classified by kind."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class ErrorKind(enum.Enum):
+    SOURCE_MISSING = "source_missing"  # NoSuchKey on the copy source
+    SOURCE_CHANGED = "source_changed"  # CopySourceIfMatch failed: the source is a new version
+    PERMANENT = "permanent"  # retrying cannot help (access denied, invalid request, ...)
+    RETRYABLE = "retryable"  # throttling or network trouble that outlived botocore's retries
+
+
+_PERMANENT_CODES = {
+    "403",  # HEAD responses carry no error body, only the status
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "InvalidRequest",
+    "InvalidArgument",
+    "KeyTooLongError",
+    "InvalidObjectState",
+    "MethodNotAllowed",
+}
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    key: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+
+
+@dataclass(frozen=True)
+class Head:
+    size: int
+    etag: str
+
+
+class S3OperationError(Exception):
+    """One object's operation failed; ``kind`` tells the caller what to do with the row."""
+
+    def __init__(self, kind: ErrorKind, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.kind = kind
+        self.code = code
+
+
+def strip_etag(etag: str) -> str:
+    return etag.strip('"')
+
+
+def classify_code(code: str, status: int | None, message: str) -> S3OperationError:
+    """An S3 error code and HTTP status as an :class:`S3OperationError` of the right kind."""
+    if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
+        return S3OperationError(ErrorKind.SOURCE_MISSING, code, message)
+    if code in ("PreconditionFailed", "412") or status == 412:
+        return S3OperationError(ErrorKind.SOURCE_CHANGED, code, message)
+    if code in _PERMANENT_CODES:
+        return S3OperationError(ErrorKind.PERMANENT, code, message)
+    return S3OperationError(ErrorKind.RETRYABLE, code, message)
