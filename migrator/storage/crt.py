@@ -21,6 +21,7 @@ import base64
 import hashlib
 import heapq
 import random
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -70,6 +71,15 @@ MAX_BACKOFF = 20.0
 _EVENT_WAIT = 0.5  # how often the driver looks at deadlines and the stop flag
 
 
+_UNRESERVED = re.compile(r"[A-Za-z0-9/_.~-]*")
+
+
+def uri_encode(path: str) -> str:
+    """A key as a URI path: RFC 3986 unreserved characters and "/" as they are, the rest
+    percent-encoded from UTF-8 (what botocore sends and SigV4 signs)."""
+    return path if _UNRESERVED.fullmatch(path) else quote(path, safe="/~")
+
+
 def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
@@ -95,7 +105,7 @@ class Endpoint:
     def path(self, key: str | None) -> str:
         if key is None:
             return self.path_prefix or "/"
-        return f"{self.path_prefix}/{quote(key, safe='/~')}"
+        return f"{self.path_prefix}/{uri_encode(key)}"
 
 
 def resolve_endpoint(boto_client: Any, bucket: str) -> Endpoint:
@@ -282,7 +292,7 @@ class CrtS3:
         for src_key, dst_key, etag in items:
             headers = [
                 ("content-length", "0"),
-                ("x-amz-copy-source", quote(f"{src_bucket}/{src_key}", safe="/~")),
+                ("x-amz-copy-source", uri_encode(f"{src_bucket}/{src_key}")),
                 ("x-amz-copy-source-if-match", f'"{etag}"'),
                 ("x-amz-metadata-directive", "COPY"),
             ]
