@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 
 class ErrorKind(enum.Enum):
@@ -29,8 +30,7 @@ _PERMANENT_CODES = {
 }
 
 
-@dataclass(frozen=True)
-class ListedObject:
+class ListedObject(NamedTuple):  # a tuple: a million of them are built per million planned
     key: str
     size: int
     etag: str
