@@ -144,18 +144,23 @@ class Response:
 
 
 def parse(status: int, body: bytes, expect: bytes = b"") -> Response | tuple[str, str]:
-    """A response, or the S3 error code and message it carries. A 200 whose body is an
-    ``<Error>`` document (a copy failing midway) or is cut off is an error too."""
-    if status >= 300 or b"<Error>" in body[:512]:
-        try:
-            fields = _children(ET.fromstring(body)) if body else {}
-        except ET.ParseError:
-            fields = {}
-        default = str(status) if status >= 300 else "InternalError"
-        return fields.get("Code") or default, fields.get("Message") or f"HTTP {status}"
-    if expect and not body.rstrip().endswith(expect):
-        return "InternalError", "truncated or malformed response body"
-    return Response(status, body)
+    """A response, or the S3 error code and message it carries. A 200 that is not the
+    complete expected answer is an error too: S3 reports a copy that fails midway as a 200
+    with an ``<Error>`` document (after whitespace it sends while copying), and a body can be
+    cut off by the network."""
+    if expect:
+        failed = status >= 300 or not body.rstrip().endswith(expect)
+    else:
+        failed = status >= 300 or b"<Error>" in body[:512]
+    if not failed:
+        return Response(status, body)
+    try:
+        fields = _children(ET.fromstring(body)) if body.strip() else {}
+    except ET.ParseError:
+        fields = {}
+    if status >= 300:
+        return fields.get("Code") or str(status), fields.get("Message") or f"HTTP {status}"
+    return fields.get("Code") or "InternalError", fields.get("Message") or "incomplete answer"
 
 
 class _Window:

@@ -79,6 +79,8 @@ def test_listing_values() -> None:
         (503, b"<Error><Code>SlowDown</Code><Message>Reduce</Message></Error>", "SlowDown"),
         (200, b'<?xml version="1.0"?>\n<Error><Code>InternalError</Code></Error>', "InternalError"),
         (200, b"<CopyObjectResult><ETag>&quot;ab", "InternalError"),  # cut off
+        # a copy failing midway: whitespace while copying, then an error document
+        (200, b" " * 4096 + b"<Error><Code>SlowDown</Code></Error>", "SlowDown"),
         (404, b"", "404"),  # HEAD-like: no body
         (500, b"<html>proxy error</html>", "500"),
     ],
