@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
 import signal
 import time
@@ -124,7 +125,7 @@ def worker_context() -> Any:
     """Workers fork from a fork server that has already imported the worker code, so starting
     one takes milliseconds and inherits no threads, sockets or clients from the supervisor."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["migrator.worker"])
+    ctx.set_forkserver_preload(["migrator.preload"])
     return ctx
 
 
@@ -192,7 +193,8 @@ def _supervise(
             start_worker()
         display.start()
         while procs:
-            time.sleep(POLL_SECONDS)
+            # wake at once when a worker exits (the last one finishing ends the run)
+            multiprocessing.connection.wait([p.sentinel for p in procs.values()], POLL_SECONDS)
             if stop.requested and not stop_event.is_set():
                 stop_event.set()
                 display.stop()
