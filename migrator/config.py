@@ -87,8 +87,8 @@ class Config(_Strict):
     destination: Location
     app_db: AppDB | None = None
     workers: int = Field(strict=True, default=4, ge=1, le=64)
-    concurrency: int = Field(strict=True, default=16, ge=1, le=256)
-    chunk_size: int = Field(strict=True, default=500, ge=1, le=10_000)
+    concurrency: int = Field(strict=True, default=32, ge=1, le=256)
+    chunk_size: int = Field(strict=True, default=1000, ge=1, le=10_000)
     delete_source: Literal["after_all", "per_chunk", "never"] = "after_all"
     on_conflict: Literal["fail", "overwrite", "skip"] = "fail"
     max_attempts: int = Field(strict=True, default=5, ge=1, le=100)

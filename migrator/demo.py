@@ -52,7 +52,7 @@ app_db:
   table: avatars
   column: path
 workers: 2
-concurrency: 16
+concurrency: 32
 chunk_size: 200
 delete_source: after_all
 """

@@ -78,7 +78,7 @@ def test_defaults_for_optional_keys(tmp_path: Path) -> None:
         "destination": {"bucket": "production", "prefix": "avatar/"},
     }
     cfg = load_config(write(tmp_path, data), env={})
-    assert (cfg.workers, cfg.concurrency, cfg.chunk_size) == (4, 16, 500)
+    assert (cfg.workers, cfg.concurrency, cfg.chunk_size) == (4, 32, 1000)
     assert cfg.delete_source == "after_all" and cfg.app_db is None
     assert cfg.source.endpoint_url is None and cfg.source.profile is None
     assert cfg.ledger == f"sqlite:///{(tmp_path / 'migrator.db').resolve()}"
