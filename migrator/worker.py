@@ -44,6 +44,20 @@ def claim_states(
     return states
 
 
+def nothing_left(cfg: Config, ledger: Ledger, budget: stages.DeleteBudget | None = None) -> bool:
+    """True when this worker can stop: no row left to copy or rewrite, and no rewritten row
+    that may still be deleted in this run. Under ``after_all``, rewritten rows wait for the
+    delete gate, which opens once the last copies of other workers are recorded; only failures
+    before a rewrite keep it shut, and then there is nothing more to do."""
+    if ledger.any_in_states([State.PENDING, State.COPIED]):
+        return False
+    if cfg.delete_source == "never" or (budget is not None and budget.exhausted()):
+        return True
+    if not ledger.any_in_states([State.REWRITTEN]):
+        return True
+    return cfg.delete_source == "after_all" and not ledger.delete_gate_open()
+
+
 def process_chunk(ctx: stages.ChunkContext, rows: list[ObjectRow]) -> None:
     copied = stages.copy_stage(ctx, rows)
     if ctx.stop.is_set():
@@ -130,7 +144,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
                 states = claim_states(cfg, ledger, budget)
                 rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
                 if not rows:
-                    if not ledger.any_in_states(states):
+                    if nothing_left(cfg, ledger, budget):
                         break
                     time.sleep(IDLE_SLEEP)
                     continue
