@@ -1,5 +1,6 @@
 # make demo: a fresh machine to a finished migration (embedded S3 + SQLite) in one command.
 # make test: ruff (format + lint) and the whole pytest suite.
+# make bench: migrator against aws s3 sync and rclone on s3fast (about 10 minutes; not in test).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,6 +29,9 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.compare $(BENCH_ARGS)
 
 clean:
 	rm -rf demo .pytest_cache .ruff_cache

@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +27,17 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from bench.common import (
+    PG_ADMIN_URL,
+    RESULTS,
+    S3Server,
+    create_database,
+    drop_database,
+    s3fast_binary,
+)
 from tests.acceptance.test_kill import children, start_run
-from tests.conftest import S3Fast, s3_client
+from tests.conftest import s3_client
 from tests.helpers import assert_converged, invariant_violations, make_job
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass
@@ -49,24 +54,6 @@ class Trial:
     problems: list[str] = field(default_factory=list)
 
 
-def s3fast_binary() -> str:
-    build = Path(__file__).resolve().parents[2] / "shared" / "s3fast" / "build.sh"
-    out = subprocess.run(["bash", str(build)], capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1]
-
-
-def create_database(admin: sa.Engine, name: str) -> str:
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    return admin.url.set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin: sa.Engine, name: str) -> None:
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
 def record(trial: Trial, problems: list[str]) -> None:
     trial.lost += sum(p.startswith("LOST") for p in problems)
     trial.early_deletes += sum(p.startswith("EARLY DELETE") for p in problems)
@@ -76,7 +63,7 @@ def record(trial: Trial, problems: list[str]) -> None:
 def run_trial(n: int, args: argparse.Namespace, binary: str, admin: sa.Engine) -> Trial:
     rng = random.Random(args.seed + n)
     trial = Trial(n, args.objects)
-    server = S3Fast(binary)
+    server = S3Server(binary)
     names = [f"torture_ledger_{n}", f"torture_app_{n}"]
     ledger, app = (create_database(admin, name) for name in names)
     started = time.monotonic()
@@ -155,7 +142,7 @@ def main() -> int:
     parser.add_argument("--max-rounds", type=int, default=6, help="kills per trial at most")
     parser.add_argument("--max-sleep", type=float, default=6.0, help="seconds before a kill")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--pg", default=PG_ADMIN_URL)
     args = parser.parse_args()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "torture")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "torture")
