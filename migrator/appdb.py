@@ -6,11 +6,13 @@ from config and are accepted only if reflection finds them; every value is a bou
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
@@ -93,19 +95,40 @@ class AppDatabase:
             return self._rewrite(conn, pairs)
 
     def _rewrite(self, conn: sa.Connection, pairs: Sequence[tuple[str, str]]) -> int:
-        t, col = self.table, self.column
         if conn.dialect.name == "postgresql":
-            v = sa.values(sa.column("old", sa.Text), sa.column("new", sa.Text), name="v").data(
-                list(pairs)
+            # One index lookup per pair, for this transaction only. Left to itself the planner
+            # hashes the pairs and reads the whole table for every batch once a batch is a
+            # few thousand pairs (2.6 times slower for 10,000 pairs on 1.1 million rows), or
+            # for any batch when the table's statistics are stale.
+            conn.exec_driver_sql(
+                "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
             )
-            stmt = t.update().where(col == v.c.old).values({col.name: v.c.new})
-            return conn.execute(stmt).rowcount
+            olds, news = [o for o, _ in pairs], [n for _, n in pairs]
+            return conn.execute(self._update_from_arrays, {"old": olds, "new": news}).rowcount
         # SQLite and MySQL: one prepared UPDATE executed for the whole batch (executemany).
+        t, col = self.table, self.column
         stmt = (
             t.update().where(col == sa.bindparam("b_old")).values({col.name: sa.bindparam("b_new")})
         )
         result = conn.execute(stmt, [{"b_old": o, "b_new": n} for o, n in pairs])
         return result.rowcount
+
+    @functools.cached_property
+    def _update_from_arrays(self) -> sa.Update:
+        """Postgres: ``UPDATE t SET col = v.new FROM unnest(:old, :new) AS v(old, new) WHERE
+        col = v.old``. The batch travels as two array parameters, so the statement is the
+        same for any batch size (built once, no 2 × N placeholders to render and parse), and
+        the planner joins the pairs to the table through the column's index."""
+        col = self.column
+        v = (
+            sa.func.unnest(
+                sa.bindparam("old", type_=postgresql.ARRAY(sa.Text)),
+                sa.bindparam("new", type_=postgresql.ARRAY(sa.Text)),
+            )
+            .table_valued("old", "new")
+            .render_derived(name="v")
+        )
+        return self.table.update().where(col == v.c.old).values({col.name: v.c.new})
 
     def still_pointing(self, old_keys: Sequence[str]) -> list[str]:
         """Old keys that some row still holds (the last check before a source is deleted)."""

@@ -22,12 +22,18 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from migrator.errors import LedgerError, db_reason
-from migrator.ledger.tables import Stage, State, jobs, objects
+from migrator.ledger.tables import Stage, State, jobs, objects, state_counts
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
+SCHEMA_HEAD = "0003"  # the newest Alembic revision (a test pins it to alembic/versions)
+VERSION_TABLE = "migrator_alembic_version"
 _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
+_PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
+FOLD_AFTER_SECONDS = 300  # count rows older than this are folded together ...
+FOLD_WHEN_ROWS = 500  # ... once there are this many of them
 
 O = objects.c  # noqa: E741 - short alias for column access in queries
+C = state_counts.c
 
 
 def utcnow() -> datetime:
@@ -65,17 +71,13 @@ class PlanResult:
 _ROW_COLS = (O.id, O.source_key, O.dest_key, O.size, O.etag, O.dest_etag, O.state, O.attempts)
 
 
+_STATE_OF = {s.value: s for s in State}
+
+
 def _row(r: Any) -> ObjectRow:
-    return ObjectRow(
-        id=r.id,
-        source_key=r.source_key,
-        dest_key=r.dest_key,
-        size=r.size,
-        etag=r.etag,
-        dest_etag=r.dest_etag,
-        state=State(r.state),
-        attempts=r.attempts,
-    )
+    """A row of ``_ROW_COLS`` (a chunk is hundreds of them: no lookups by name)."""
+    id_, source_key, dest_key, size, etag, dest_etag, state, attempts = r
+    return ObjectRow(id_, source_key, dest_key, size, etag, dest_etag, _STATE_OF[state], attempts)
 
 
 def safe_url(url: str | URL) -> str:
@@ -115,8 +117,21 @@ def make_engine(url: str) -> Engine:
     )
 
 
+def schema_revision(engine: Engine) -> str | None:
+    """The ledger's Alembic revision, or None when it has none (empty or a newer layout)."""
+    with engine.connect().execution_options(migrator_readonly=True) as conn:
+        if not sa.inspect(conn).has_table(VERSION_TABLE):
+            return None
+        versions = list(conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+    return versions[0] if len(versions) == 1 else None
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Create or upgrade the ledger tables to the newest Alembic revision."""
+    """Create or upgrade the ledger tables to the newest Alembic revision. A ledger already
+    there costs one query: loading Alembic and its scripts takes most of a second, which
+    ``migrator status`` should not pay."""
+    if schema_revision(engine) == SCHEMA_HEAD:
+        return
     from alembic import command  # only the supervisor and CLI migrate; workers never do
     from alembic.config import Config as AlembicConfig
 
@@ -215,8 +230,16 @@ class Ledger:
         return at is not None
 
     def mark_planned(self) -> None:
+        """The job is planned. On Postgres, refresh the planner's statistics of the ledger,
+        which just grew by the whole listing: believing the job still small, the planner
+        would scan it in full for every page of a re-plan, or sort it for every claim
+        (autovacuum does this too, but late, or never where it is off)."""
         with self.engine.begin() as conn:
             conn.execute(jobs.update().where(jobs.c.name == self.job).values(planned_at=utcnow()))
+        if self.engine.dialect.name == "postgresql":
+            # Best effort: a ledger table owned by another role cannot be analysed by us.
+            with contextlib.suppress(SQLAlchemyError), self.engine.begin() as conn:
+                conn.exec_driver_sql(f"ANALYZE {objects.name}")
 
     def add_s3_retries(self, n: int) -> None:
         if n:
@@ -240,73 +263,21 @@ class Ledger:
 
     # -- plan -----------------------------------------------------------------------------
     def upsert_page(self, page: Sequence[Planned]) -> PlanResult:
-        """Add new objects, reset changed ones (ETag differs) to pending, keep the rest."""
+        """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
+
+        One transaction and at most two statements: an insert that skips keys already there,
+        then — only when some were — an update of the rows whose ETag changed (unless done;
+        the lease is cleared, ``dest_etag`` kept). A fresh job costs one statement per page.
+        """
         if not page:
             return PlanResult(0, 0, 0)
         now = utcnow()
         with self.engine.begin() as conn:
-            existing = {
-                r.source_key: r
-                for r in conn.execute(
-                    sa.select(O.id, O.source_key, O.etag, O.state).where(
-                        O.job == self.job, O.source_key.in_([p.source_key for p in page])
-                    )
-                )
-            }
-            new = [p for p in page if p.source_key not in existing]
-            changed = [
-                (existing[p.source_key].id, p)
-                for p in page
-                if p.source_key in existing
-                and existing[p.source_key].etag != p.etag
-                and existing[p.source_key].state != State.DONE
-            ]
-            if new:
-                conn.execute(
-                    _insert_ignoring_duplicates(conn),
-                    [
-                        {
-                            "job": self.job,
-                            "source_key": p.source_key,
-                            "dest_key": p.dest_key,
-                            "size": p.size,
-                            "etag": p.etag,
-                            "last_modified": _naive(p.last_modified),
-                            "state": State.PENDING.value,
-                            "attempts": 0,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
-                        for p in new
-                    ],
-                )
-            if changed:
-                conn.execute(
-                    objects.update()
-                    .where(O.id == sa.bindparam("b_id"))
-                    .values(
-                        etag=sa.bindparam("b_etag"),
-                        size=sa.bindparam("b_size"),
-                        last_modified=sa.bindparam("b_lm"),
-                        state=State.PENDING.value,
-                        attempts=0,
-                        failed_stage=None,
-                        last_error=None,
-                        lease_owner=None,  # a worker holding the old version records nothing
-                        lease_expires=None,
-                        updated_at=now,
-                    ),
-                    [
-                        {
-                            "b_id": i,
-                            "b_etag": p.etag,
-                            "b_size": p.size,
-                            "b_lm": _naive(p.last_modified),
-                        }
-                        for i, p in changed
-                    ],
-                )
-        return PlanResult(len(new), len(changed), len(page) - len(new) - len(changed))
+            if conn.dialect.name == "postgresql":
+                added, reset = _upsert_page_postgres(conn, self.job, page, now)
+            else:
+                added, reset = _upsert_page_sqlite(conn, self.job, page, now)
+        return PlanResult(added, reset, len(page) - added - reset)
 
     def states_of(self, source_keys: Sequence[str]) -> dict[str, str]:
         """The ledger state of each of these source keys that the job has a row for."""
@@ -352,27 +323,51 @@ class Ledger:
     def claim(
         self, owner: str, states: Iterable[State], limit: int, lease_seconds: int
     ) -> list[ObjectRow]:
+        """Lease up to ``limit`` free rows in ``states``, lowest ids first."""
+        stmt = self.claim_statement(owner, states, limit, lease_seconds)
+        if stmt is None:
+            return []
+        with self.engine.begin() as conn:
+            rows = [_row(r) for r in conn.execute(stmt)]
+        return sorted(rows, key=lambda r: r.id)
+
+    def claim_statement(
+        self, owner: str, states: Iterable[State], limit: int, lease_seconds: int
+    ) -> sa.Update | None:
+        """The claim as one UPDATE. Its rows come from one range of the ``(job, state, id)``
+        index per state, each read in id order up to ``limit`` free rows (``SKIP LOCKED`` on
+        Postgres), then the lowest ``limit`` ids of them: the same rows as ``state IN (…)
+        ORDER BY id``, which neither database can read from that index without sorting every
+        row in those states."""
         now = utcnow()
-        pick = (
+        free = sa.or_(O.lease_expires.is_(None), O.lease_expires < now)
+        picks = [
             sa.select(O.id)
-            .where(
-                O.job == self.job,
-                O.state.in_([s.value for s in states]),
-                sa.or_(O.lease_expires.is_(None), O.lease_expires < now),
-            )
-            .order_by(O.id)
+            # ``state BETWEEN s AND s`` is ``state = s``, and ORDER BY state, id is then
+            # ORDER BY id; but spelled so, only the (job, state, id) index yields that order.
+            # With ``state = s`` Postgres drops the constant from the sort key and may read
+            # the primary key from id 1 instead, through every done row (seconds on a job of
+            # millions half done), as it assumes pending ids are spread evenly.
+            .where(O.job == self.job, O.state.between(state.value, state.value), free)
+            .order_by(O.state, O.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
-        )
-        stmt = (
+            .subquery()
+            for state in dict.fromkeys(State(s) for s in states)
+        ]
+        if not picks:
+            return None
+        if len(picks) == 1:
+            pick = sa.select(picks[0].c.id)
+        else:
+            every = sa.union_all(*[sa.select(p.c.id) for p in picks]).subquery()
+            pick = sa.select(every.c.id).order_by(every.c.id).limit(limit)
+        return (
             objects.update()
             .where(O.id.in_(pick.scalar_subquery()))
             .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds))
             .returning(*_ROW_COLS)
         )
-        with self.engine.begin() as conn:
-            rows = [_row(r) for r in conn.execute(stmt)]
-        return sorted(rows, key=lambda r: r.id)
 
     def heartbeat(self, owner: str, lease_seconds: int) -> int:
         with self.engine.begin() as conn:
@@ -551,16 +546,19 @@ class Ledger:
     def delete_gate_open(self) -> bool:
         """``after_all``: true when no row still needs copying or rewriting, and none failed
         before its rewrite was committed (rclone's rule: no deletes after I/O errors)."""
-        blocking = sa.or_(
-            O.state.in_([State.PENDING.value, State.COPIED.value]),
-            sa.and_(
-                O.state == State.FAILED.value,
-                sa.func.coalesce(O.failed_stage, "") != Stage.DELETE.value,
-            ),
+        # Two EXISTS, each an index range of its own: with one OR, SQLite walks the job's
+        # rows in index order and, once no row is copied, reads every done row first.
+        unfinished = sa.exists().where(
+            O.job == self.job, O.state.in_([State.PENDING.value, State.COPIED.value])
+        )
+        failed_before_rewrite = sa.exists().where(
+            O.job == self.job,
+            O.state == State.FAILED.value,
+            sa.func.coalesce(O.failed_stage, "") != Stage.DELETE.value,
         )
         with self._read() as conn:
-            hit = conn.execute(sa.select(O.id).where(O.job == self.job, blocking).limit(1)).first()
-        return hit is None
+            blocked = conn.execute(sa.select(sa.or_(unfinished, failed_before_rewrite))).scalar()
+        return not blocked
 
     def any_in_states(self, states: Iterable[State]) -> bool:
         with self._read() as conn:
@@ -573,24 +571,69 @@ class Ledger:
 
     # -- reading --------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        with self._read() as conn:
-            got = dict(
-                conn.execute(
-                    sa.select(O.state, sa.func.count()).where(O.job == self.job).group_by(O.state)
-                ).all()
-            )
-        return {s.value: int(got.get(s.value, 0)) for s in State}
+        """Objects per state, from the counts the triggers keep (a few rows, not the job's)."""
+        return {s: n for s, (n, _) in self._state_totals().items()}
 
     def bytes_by_state(self) -> dict[str, int]:
+        return {s: b for s, (_, b) in self._state_totals().items()}
+
+    def _state_totals(self) -> dict[str, tuple[int, int]]:
+        now = _now_seconds(self.engine)
+        old = sa.and_(C.second > 0, C.second < now - FOLD_AFTER_SECONDS)
         with self._read() as conn:
-            got = dict(
-                conn.execute(
-                    sa.select(O.state, sa.func.coalesce(sa.func.sum(O.size), 0))
-                    .where(O.job == self.job)
-                    .group_by(O.state)
-                ).all()
+            rows = conn.execute(
+                sa.select(
+                    C.state,
+                    sa.func.sum(C.objects),
+                    sa.func.sum(C.bytes),
+                    sa.func.sum(sa.case((old, 1), else_=0)),
+                )
+                .where(C.job == self.job)
+                .group_by(C.state)
+            ).all()
+        if sum(int(r[3] or 0) for r in rows) >= FOLD_WHEN_ROWS:
+            self.fold_counts()
+        got = {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in rows}
+        return {s.value: got.get(s.value, (0, 0)) for s in State}
+
+    def fold_counts(self) -> None:
+        """Fold the job's count rows older than ``FOLD_AFTER_SECONDS`` into one per state, so
+        reading the counts stays cheap however long the job runs (recent rows stay apart:
+        ``done_rate`` reads them)."""
+        now = _now_seconds(self.engine)
+        old = sa.and_(C.job == self.job, C.second > 0, C.second < now - FOLD_AFTER_SECONDS)
+        sums = [sa.func.sum(C.objects), sa.func.sum(C.bytes)]
+        postgres = self.engine.dialect.name == "postgresql"
+        # Postgres: one snapshot for the sums and the delete, so a row committed meanwhile is
+        # neither summed nor deleted (it is folded next time). SQLite holds the write lock.
+        options = {"isolation_level": "REPEATABLE READ"} if postgres else {}
+        with self.engine.connect().execution_options(**options) as conn, conn.begin():
+            if postgres:
+                from sqlalchemy.dialects.postgresql import insert
+
+                lock = sa.func.pg_try_advisory_xact_lock(_PG_FOLD_LOCK, sa.func.hashtext(self.job))
+                if not conn.execute(sa.select(lock)).scalar_one():
+                    return  # another process is folding this job right now
+            else:
+                from sqlalchemy.dialects.sqlite import insert
+            folded = (
+                sa.select(C.job, C.state, sa.literal(0), sa.literal(0), *sums)
+                .where(old)
+                .group_by(C.job, C.state)
             )
-        return {s.value: int(got.get(s.value, 0)) for s in State}
+            ins = insert(state_counts).from_select(
+                ["job", "state", "second", "writer", "objects", "bytes"], folded
+            )
+            conn.execute(
+                ins.on_conflict_do_update(
+                    index_elements=["job", "state", "second", "writer"],
+                    set_={
+                        "objects": C.objects + ins.excluded.objects,
+                        "bytes": C.bytes + ins.excluded.bytes,
+                    },
+                )
+            )
+            conn.execute(state_counts.delete().where(old))
 
     def recent_errors(self, limit: int = 5) -> list[dict[str, Any]]:
         with self._read() as conn:
@@ -613,19 +656,20 @@ class Ledger:
 
     def done_rate(self, window: timedelta) -> float:
         """Objects finished per second over the last ``window`` (or since the first of them,
-        when the run is younger than the window)."""
-        now = utcnow()
+        when the run is younger than the window), from the per-second count rows."""
+        now = _now_seconds(self.engine)
         with self._read() as conn:
-            n, first = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(O.updated_at)).where(
-                    O.job == self.job,
-                    O.state == State.DONE.value,
-                    O.updated_at >= now - window,
+            n, first, at = conn.execute(
+                sa.select(sa.func.sum(C.objects), sa.func.min(C.second), now).where(
+                    C.job == self.job,
+                    C.state == State.DONE.value,
+                    C.second >= now - window.total_seconds(),
+                    C.objects > 0,
                 )
             ).one()
         if not n or first is None:
             return 0.0
-        return n / max((now - first).total_seconds(), 1.0)
+        return int(n) / max(float(at) - first, 1.0)
 
     def iter_sorted(self, column: str, states: Iterable[State]) -> Iterator[dict[str, Any]]:
         """Rows in ``states`` ordered by ``column`` (a key) in byte order, as S3 lists keys;
@@ -660,13 +704,99 @@ class Ledger:
             last = rows[-1]["id"]
 
 
-def _insert_ignoring_duplicates(conn: sa.Connection) -> Any:
-    """INSERT that skips rows another planner inserted first (two hosts planning at once)."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(objects).on_conflict_do_nothing(index_elements=["job", "source_key"])
+_PLAN_INSERT_POSTGRES = sa.text(
+    """
+INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified, state,
+                              attempts, created_at, updated_at)
+SELECT :job, v.source_key, v.dest_key, v.size, v.etag, v.last_modified, :pending, 0, :now, :now
+FROM unnest(CAST(:keys AS text[]), CAST(:dests AS text[]), CAST(:sizes AS bigint[]),
+            CAST(:etags AS text[]), CAST(:mtimes AS timestamp[]))
+     AS v(source_key, dest_key, size, etag, last_modified)
+ON CONFLICT (job, source_key) DO NOTHING
+"""
+)
+
+_PLAN_RESET_POSTGRES = sa.text(
+    """
+UPDATE migrator_objects AS o
+SET etag = v.etag, size = v.size, last_modified = v.last_modified, state = :pending,
+    attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL,
+    lease_expires = NULL, updated_at = :now
+FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
+            CAST(:mtimes AS timestamp[]))
+     AS v(source_key, etag, size, last_modified)
+WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.state <> :done
+"""
+)
+
+
+def _upsert_page_postgres(
+    conn: sa.Connection, job: str, page: Sequence[Planned], now: datetime
+) -> tuple[int, int]:
+    """The page as five array parameters (``unnest``): one short statement per page, no
+    per-row statement, placeholder or round trip. Returns (added, reset)."""
+    params: dict[str, Any] = {
+        "job": job,
+        "now": now,
+        "pending": State.PENDING.value,
+        "keys": [p.source_key for p in page],
+        "sizes": [p.size for p in page],
+        "etags": [p.etag for p in page],
+        "mtimes": [_naive(p.last_modified) for p in page],
+    }
+    added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": [p.dest_key for p in page]})
+    if added.rowcount == len(page):
+        return added.rowcount, 0
+    reset = conn.execute(_PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value})
+    return added.rowcount, reset.rowcount
+
+
+_PLAN_INSERT_SQLITE = (
+    "INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified, state, "
+    "attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
+    "ON CONFLICT (job, source_key) DO NOTHING"
+)
+_PLAN_RESET_SQLITE = (
+    "UPDATE migrator_objects SET etag = ?, size = ?, last_modified = ?, state = 'pending', "
+    "attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL, "
+    "lease_expires = NULL, updated_at = ? "
+    "WHERE job = ? AND source_key = ? AND etag <> ? AND state <> 'done'"
+)
+
+
+def _upsert_page_sqlite(
+    conn: sa.Connection, job: str, page: Sequence[Planned], now: datetime
+) -> tuple[int, int]:
+    """SQLite: one prepared statement run over tuples (the driver's executemany); datetimes
+    stored in SQLAlchemy's text format so that queries compare them correctly."""
+    to_text = objects.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
+    assert to_text is not None
+    at = to_text(now)
+    mtimes = [to_text(_naive(p.last_modified)) for p in page]
+    added = conn.exec_driver_sql(
+        _PLAN_INSERT_SQLITE,
+        [
+            (job, p.source_key, p.dest_key, p.size, p.etag, m, at, at)
+            for p, m in zip(page, mtimes, strict=True)
+        ],
+    ).rowcount
+    if added == len(page):
+        return added, 0
+    reset = conn.exec_driver_sql(
+        _PLAN_RESET_SQLITE,
+        [
+            (p.etag, p.size, m, at, job, p.source_key, p.etag)
+            for p, m in zip(page, mtimes, strict=True)
+        ],
+    ).rowcount
+    return added, reset
+
+
+def _now_seconds(engine: Engine) -> sa.ColumnElement[Any]:
+    """Now in Unix seconds by the database's clock, which the count triggers use."""
+    if engine.dialect.name == "postgresql":
+        return sa.extract("epoch", sa.func.statement_timestamp())
+    return (sa.func.julianday("now") - 2440587.5) * 86400.0
 
 
 def _backoff(attempts: int) -> timedelta:

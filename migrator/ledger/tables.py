@@ -59,6 +59,39 @@ objects = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.UniqueConstraint("job", "source_key", name="uq_migrator_objects_job_source"),
+    # Claims (one range per state, in id order), the delete gate, "any rows left?".
     sa.Index("ix_migrator_objects_job_state", "job", "state", "id"),
-    sa.Index("ix_migrator_objects_lease_owner", "lease_owner"),
+    # Heartbeats and releases by owner; only leased rows are in it (revision 0003).
+    sa.Index(
+        "ix_migrator_objects_lease_owner",
+        "lease_owner",
+        postgresql_where=sa.text("lease_owner IS NOT NULL"),
+        sqlite_where=sa.text("lease_owner IS NOT NULL"),
+    ),
+    # ``status``'s recent errors; only rows that carry an error are in it (revision 0003).
+    sa.Index(
+        "ix_migrator_objects_errors",
+        "job",
+        "updated_at",
+        postgresql_where=sa.text("last_error IS NOT NULL"),
+        sqlite_where=sa.text("last_error IS NOT NULL"),
+    ),
+)
+
+# Objects and bytes per job and state, kept by triggers on ``migrator_objects`` in the same
+# transaction as the change (revision 0003), so ``status`` and the progress display read a
+# few rows instead of counting millions. A row is a delta: ``second`` is when it was written
+# (Unix seconds; 0 for history folded together), ``writer`` the Postgres transaction id that
+# wrote it (0 on SQLite, which has one writer at a time), so concurrent Postgres transactions
+# never update the same row and never wait for each other. The counts of a job are the sums of
+# its rows; ``Ledger.fold_counts`` folds old rows into one per state.
+state_counts = sa.Table(
+    "migrator_state_counts",
+    metadata,
+    sa.Column("job", sa.String(100), primary_key=True),
+    sa.Column("state", sa.String(16), primary_key=True),
+    sa.Column("second", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("writer", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("objects", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
 )
