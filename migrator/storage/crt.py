@@ -474,8 +474,12 @@ class _Batch:
         self.signing = {EMPTY_SHA256: s3._signing(EMPTY_SHA256)}
 
     def run(self) -> list[Response | S3OperationError | None]:
+        checked = time.monotonic()
         while self.pending or self.timers or self.slots:
             now = time.monotonic()
+            if now - checked >= _EVENT_WAIT:  # also while other answers keep arriving
+                self._expire(now)
+                checked = now
             while self.timers and self.timers[0][0] <= now:
                 self.pending.append(heapq.heappop(self.timers)[1])
             if self.stop is not None and self.stop.is_set():
@@ -500,7 +504,6 @@ class _Batch:
             try:
                 event = self.events.get(timeout=wait)
             except Empty:
-                self._expire(time.monotonic())
                 continue
             if event[0] == "opened":
                 self._opened(event[1])
