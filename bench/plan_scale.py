@@ -112,7 +112,10 @@ def merge_results(section: str, data: Any, path: Path | None = None) -> Path:
     path = path or RESULTS / f"scale-{datetime.now(UTC):%Y-%m-%d}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.setdefault("machine", machine())
-    doc[section] = data
+    if isinstance(data, dict) and isinstance(doc.get(section), dict):
+        doc[section].update(data)  # e.g. the ledger figures, then plan's, under one label
+    else:
+        doc[section] = data
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 
