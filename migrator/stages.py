@@ -182,7 +182,15 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     )
     outcomes = [_outcome(ctx, r, res, guarded) for r, res in zip(pending, results, strict=True)]
     copied = [o for o in outcomes if o.dest_etag is not None]
-    held = ctx.ledger.record_copied(ctx.owner, [(o.row.id, o.dest_etag or "") for o in copied])
+    # Without an app database there is nothing to rewrite: the copy is recorded as the
+    # state after the rewrite in the same statement.
+    state = State.COPIED if ctx.appdb is not None else after_rewrite(ctx.cfg)
+    held = ctx.ledger.record_copied(
+        ctx.owner,
+        [(o.row.id, o.dest_etag or "") for o in copied],
+        state,
+        release=state is not State.COPIED and releases_at(ctx.cfg, state),
+    )
     for o in outcomes:
         if o.replan is not None:
             ctx.ledger.replan_row(
@@ -203,10 +211,22 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     if not_sent:
         ctx.ledger.release(ctx.owner, not_sent)
     return ready + [
-        dataclasses.replace(o.row, state=State.COPIED, dest_etag=o.dest_etag)
+        dataclasses.replace(o.row, state=state, dest_etag=o.dest_etag)
         for o in copied
         if o.row.id in held  # a row whose lease was lost goes no further here
     ]
+
+
+def after_rewrite(cfg: Config) -> State:
+    """A row's state once its app rows point at the destination."""
+    return State.DONE if cfg.delete_source == "never" else State.REWRITTEN
+
+
+def releases_at(cfg: Config, state: State) -> bool:
+    """Whether a row recorded in ``state`` leaves this worker's hands with that record (the
+    lease is given back in the same statement): done rows, and rewritten rows whose delete
+    waits for the end of the job (``after_all``); under ``per_chunk`` the delete follows."""
+    return state is State.DONE or (state is State.REWRITTEN and cfg.delete_source == "after_all")
 
 
 def _record_errors(
@@ -227,19 +247,23 @@ def _app_db_failed(ctx: ChunkContext, rows: Sequence[ObjectRow], stage: Stage, r
 
 
 def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
-    """Point the app rows of every copied row at its destination key, in one transaction."""
+    """Point the app rows of every copied row at its destination key, in one transaction;
+    returns the rows now past the rewrite (with those that already were)."""
+    final = after_rewrite(ctx.cfg)
+    passed = [r for r in rows if r.state is final]
     copied = [r for r in rows if r.state is State.COPIED]
     if not copied:
-        return []
+        return passed
     if ctx.appdb is not None:
         try:
             ctx.appdb.rewrite([(r.source_key, r.dest_key) for r in copied])
         except SQLAlchemyError as exc:
             _app_db_failed(ctx, copied, Stage.REWRITE, f"rewrite: {db_reason(exc)}")
-            return []
-    final = State.DONE if ctx.cfg.delete_source == "never" else State.REWRITTEN
-    held = ctx.ledger.record_state(ctx.owner, [r.id for r in copied], final)
-    return [dataclasses.replace(r, state=final) for r in copied if r.id in held]
+            return passed
+    held = ctx.ledger.record_state(
+        ctx.owner, [r.id for r in copied], final, release=releases_at(ctx.cfg, final)
+    )
+    return passed + [dataclasses.replace(r, state=final) for r in copied if r.id in held]
 
 
 def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
@@ -266,7 +290,7 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
                 failures.append((r, redact(f"delete: {errors[r.source_key]}")))
             else:
                 done.append(r)
-    ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE)
+    ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE, release=True)
     ctx.ledger.record_failures(ctx.owner, failures, Stage.DELETE, ctx.cfg.max_attempts)
     return [dataclasses.replace(r, state=State.DONE) for r in done]
 

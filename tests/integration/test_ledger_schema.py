@@ -284,6 +284,31 @@ def test_record_functions_only_touch_rows_the_owner_holds(ledger: Ledger, engine
     assert raw_rows(engine) == snapshot
 
 
+def test_recording_a_last_state_gives_the_lease_back_in_the_same_statement(
+    ledger: Ledger, engine: Engine
+) -> None:
+    ledger.upsert_page(planned(4))
+    rows = ledger.claim("host:1:a", [State.PENDING], limit=4, lease_seconds=60)
+    first, second = [r.id for r in rows[:2]], [r.id for r in rows[2:]]
+    assert ledger.record_copied("host:1:a", [(i, "e1") for i in first]) == set(first)
+    assert ledger.record_copied(
+        "host:1:a", [(i, "e2") for i in second], State.REWRITTEN, release=True
+    ) == set(second)
+    assert ledger.record_state("host:1:a", first, State.DONE, release=True) == set(first)
+    got = {r["id"]: r for r in raw_rows(engine).values()}
+    assert [(got[i]["state"], got[i]["dest_etag"], got[i]["lease_owner"]) for i in first] == [
+        (State.DONE.value, "e1", None)
+    ] * 2
+    assert [(got[i]["state"], got[i]["dest_etag"], got[i]["lease_owner"]) for i in second] == [
+        (State.REWRITTEN.value, "e2", None)
+    ] * 2
+    assert {got[i]["lease_expires"] for i in first + second} == {None}
+    # Given back: the same owner holds nothing more, and another may claim the rewritten rows.
+    assert ledger.record_state("host:1:a", second, State.DONE) == set()
+    taken = ledger.claim("host:1:b", [State.REWRITTEN], limit=4, lease_seconds=60)
+    assert {r.id for r in taken} == set(second)
+
+
 def _row_now(engine: Engine, row: ObjectRow) -> dict[str, Any]:
     return next(r for r in raw_rows(engine).values() if r["id"] == row.id)
 

@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from migrator.config import load_config
+from migrator.ledger.repo import open_ledger
 from migrator.supervisor import run_job
 from tests.helpers import assert_converged, list_keys, make_job, run_cli, sqlite_job
 
@@ -237,3 +238,53 @@ def test_one_ledger_holds_several_jobs(tmp_path: Path, moto_s3: Any, moto_endpoi
         doc = json.loads(run_cli("status", "--json", "--config", str(job.config_path)).stdout)
         assert (doc["job"], doc["total"], doc["counts"]["done"]) == (job.cfg.job, n, n)
         assert_converged(job)
+
+
+@pytest.mark.parametrize(
+    ("policy", "with_app", "writes"),
+    [
+        # claim, copied, rewritten + release; claim once the gate opens, done + release
+        ("after_all", True, 5),
+        # claim, copied, rewritten, done + release: the delete follows in the same chunk
+        ("per_chunk", True, 4),
+        # claim, copied, done + release
+        ("never", True, 3),
+        # no app DB, nothing to rewrite: claim, done + release
+        ("never", False, 2),
+        # claim, rewritten + release; claim, done + release
+        ("after_all", False, 4),
+    ],
+)
+def test_ledger_writes_per_object(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, policy: str, with_app: bool, writes: int
+) -> None:
+    """Each row is updated a fixed, small number of times: a lease is given back in the same
+    statement as the row's last state change, and a job without an app DB skips ``copied``.
+    (A trigger on the SQLite ledger logs every row update.)"""
+    job = sqlite_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        with_app=with_app,
+        count=30,
+        delete_source=policy,
+        lease_seconds=600,  # no heartbeat during the run
+    )
+    engine = open_ledger(job.cfg.ledger)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE row_writes (id INTEGER)")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER log_row_writes AFTER UPDATE ON migrator_objects "
+            "BEGIN INSERT INTO row_writes (id) VALUES (NEW.id); END"
+        )
+    assert run_job(job.cfg, console=quiet_console()) == 0
+    assert_converged(job, sources_deleted=policy != "never")
+    with engine.connect() as conn:
+        per_row = conn.exec_driver_sql("SELECT id, count(*) FROM row_writes GROUP BY id").all()
+        leased = conn.exec_driver_sql(
+            "SELECT count(*) FROM migrator_objects WHERE lease_owner IS NOT NULL"
+        ).scalar_one()
+    engine.dispose()
+    assert len(per_row) == 30
+    assert {n for _, n in per_row} == {writes}
+    assert leased == 0
