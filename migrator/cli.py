@@ -9,15 +9,11 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
-from rich.table import Table
-from sqlalchemy.exc import SQLAlchemyError
 
-from migrator.config import Config, load_config
 from migrator.errors import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -26,10 +22,14 @@ from migrator.errors import (
     db_reason,
     redact,
 )
-from migrator.ledger.repo import Ledger, open_existing_ledger
 from migrator.logs import setup_logging
-from migrator.progress import fmt_eta
-from migrator.supervisor import preflight, run_job, run_plan
+
+# Pydantic, SQLAlchemy, boto3 and awscrt load inside the commands that use them: `run` starts
+# its worker fork server first, so that the two processes import at the same time, and
+# `status` never loads boto3 at all.
+if TYPE_CHECKING:
+    from migrator.config import Config
+    from migrator.ledger.repo import Ledger
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True)
@@ -53,13 +53,25 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(EXIT_INTERRUPTED)
-        except SQLAlchemyError as exc:
-            reason = db_reason(exc)
-            _fail(f"database error: {reason}", 1)
-        except (ClientError, BotoCoreError) as exc:
-            _fail(f"S3 error: {exc}", 1)
+        except Exception as exc:
+            message = _library_failure(exc)
+            if message is None:
+                raise
+            _fail(message, 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _library_failure(exc: Exception) -> str | None:
+    """One line for a database or S3 library error that reached the CLI. Those libraries
+    load lazily: one that was never imported cannot have raised."""
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+        return f"database error: {db_reason(exc)}"
+    boto_exc = sys.modules.get("botocore.exceptions")
+    if boto_exc is not None and isinstance(exc, boto_exc.ClientError | boto_exc.BotoCoreError):
+        return f"S3 error: {exc}"
+    return None
 
 
 def config_option(fn: F) -> F:
@@ -74,11 +86,15 @@ def config_option(fn: F) -> F:
 
 
 def _load(config_path: Path) -> Config:
+    from migrator.config import load_config
+
     return load_config(config_path)
 
 
 def _ledger_for_reading(cfg: Config) -> Ledger:
     """Open an existing ledger without creating one; the job must be in it."""
+    from migrator.ledger.repo import Ledger, open_existing_ledger
+
     ledger = Ledger(open_existing_ledger(cfg.ledger), cfg.job)
     if cfg.job not in ledger.list_jobs():
         ledger.engine.dispose()
@@ -113,6 +129,8 @@ def plan(config_path: Path) -> None:
     kept. Example: migrator plan --config config.yaml
     """
     cfg = _load(config_path)
+    from migrator.supervisor import preflight, run_plan
+
     res = preflight(cfg)
     try:
         run_plan(cfg, res, err_console)
@@ -141,12 +159,17 @@ def run(config_path: Path, quiet: bool, max_delete: int | None, dry_run: bool) -
     Killed or interrupted, the same command continues where it stopped. Exit 0 when every
     object is done, 1 when some failed, 130 on Ctrl-C. Example: migrator run
     """
-    cfg = _load(config_path)
     if dry_run:
         from migrator.dryrun import dry_run as preview
 
-        preview(cfg, out_console)
+        preview(_load(config_path), out_console)
         return
+    from migrator.spawn import start_fork_server
+
+    start_fork_server()  # it imports the worker code while this process loads the rest
+    cfg = _load(config_path)
+    from migrator.supervisor import run_job
+
     sys.exit(run_job(cfg, console=err_console, quiet=quiet, max_delete=max_delete))
 
 
@@ -183,6 +206,10 @@ def status(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc))
         return
+    from rich.table import Table
+
+    from migrator.progress import fmt_eta
+
     table = Table(title=f"job {cfg.job}", show_footer=True)
     table.add_column("state", footer="total")
     table.add_column("objects", justify="right", footer=f"{doc['total']:,}")
@@ -255,6 +282,7 @@ def verify(config_path: Path, as_json: bool) -> None:
     cfg = _load(config_path)
     _ledger_for_reading(cfg).engine.dispose()
     from migrator.audit import audit
+    from migrator.supervisor import preflight
 
     res = preflight(cfg)
     try:

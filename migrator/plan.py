@@ -17,6 +17,7 @@ class PlanTotals:
     added: int = 0
     reset: int = 0
     unchanged: int = 0
+    complete: bool = False  # the whole listing is in the ledger (False: stopped early)
 
 
 def plan_job(
@@ -24,13 +25,17 @@ def plan_job(
     ledger: Ledger,
     source_client: Any,
     on_page: Callable[[PlanTotals], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> PlanTotals:
     """Stream ``ListObjectsV2`` into the ledger; idempotent and delta-aware. Memory stays
-    constant: one page is held at a time."""
+    constant: one page is held at a time. ``stop`` is asked before each page; a plan stopped
+    early leaves the job unplanned, and the next one lists it again from the start."""
     src, dst = cfg.source, cfg.destination
     ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
     totals = PlanTotals()
     for page in source_client.list_pages(src.bucket, src.prefix):
+        if stop is not None and stop():
+            return totals
         result = ledger.upsert_page(
             [
                 Planned(
@@ -50,4 +55,5 @@ def plan_job(
         if on_page is not None:
             on_page(totals)
     ledger.mark_planned()
+    totals.complete = True
     return totals

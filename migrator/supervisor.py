@@ -7,9 +7,10 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.forkserver
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -31,6 +32,7 @@ from migrator.errors import (
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
 from migrator.plan import PlanTotals, plan_job
 from migrator.progress import RunDisplay, Snapshot
+from migrator.spawn import start_fork_server
 from migrator.storage import s3
 from migrator.worker import worker_main
 
@@ -96,7 +98,9 @@ def preflight(cfg: Config) -> Resources:
     return Resources(engine, Ledger(engine, cfg.job), service, service, appdb)
 
 
-def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
+def run_plan(
+    cfg: Config, res: Resources, console: Console, stop: Callable[[], bool] | None = None
+) -> PlanTotals:
     last = [0.0]
 
     def on_page(t: PlanTotals) -> None:
@@ -104,7 +108,10 @@ def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
             last[0] = time.monotonic()
             console.print(f"planning: {t.listed:,} objects listed", highlight=False)
 
-    totals = plan_job(cfg, res.ledger, res.source, on_page)
+    totals = plan_job(cfg, res.ledger, res.source, on_page, stop)
+    if not totals.complete:
+        console.print(f"planning stopped after {totals.listed:,} objects", highlight=False)
+        return totals
     console.print(
         f"planned {cfg.job}: {totals.listed:,} listed, {totals.added:,} new, "
         f"{totals.reset:,} changed, {totals.unchanged:,} unchanged",
@@ -113,20 +120,30 @@ def run_plan(cfg: Config, res: Resources, console: Console) -> PlanTotals:
     return totals
 
 
+class Planner(threading.Thread):
+    """``run`` on a job never planned: the listing goes into the ledger page by page while
+    the workers start and claim the first pages, instead of before them. The workers wait
+    for more rows, and the ``after_all`` delete gate stays shut, until the plan is complete."""
+
+    def __init__(self, cfg: Config, res: Resources, console: Console) -> None:
+        super().__init__(daemon=True, name="plan")
+        self.cfg, self.res, self.console = cfg, res, console
+        self.stop = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            run_plan(self.cfg, self.res, self.console, self.stop.is_set)
+        except Exception as exc:  # raised again by the supervisor once the workers stopped
+            self.error = exc
+
+
 class _Stop:
     def __init__(self) -> None:
         self.requested = 0
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.requested += 1
-
-
-def worker_context() -> Any:
-    """Workers fork from a fork server that has already imported the worker code, so starting
-    one takes milliseconds and inherits no threads, sockets or clients from the supervisor."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["migrator.preload"])
-    return ctx
 
 
 def run_job(
@@ -139,19 +156,26 @@ def run_job(
     """``migrator run``: plan if needed, then process every stage until done; resumable.
     ``max_delete`` caps the sources this run deletes (rclone's ``--max-delete``)."""
     console = console or Console(stderr=True)
-    ctx = worker_context()
-    multiprocessing.forkserver.ensure_running()  # starts while pre-flight and plan run
+    ctx = start_fork_server()  # already running when the CLI started it
     res = preflight(cfg)
+    planner: Planner | None = None
     try:
         res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
-        if not res.ledger.is_planned():
-            run_plan(cfg, res, console)
         freed = res.ledger.reclaim_dead_local_leases()
         if freed:
             console.print(f"reclaimed {freed:,} rows leased by stopped processes", highlight=False)
-        return _supervise(cfg, ctx, res.ledger, console, quiet, max_delete)
+        if not res.ledger.is_planned():
+            planner = Planner(cfg, res, console)
+            planner.start()
+        code = _supervise(cfg, ctx, res.ledger, console, quiet, max_delete, planner)
     finally:
+        if planner is not None:
+            planner.stop.set()
+            planner.join()
         res.close()
+    if planner is not None and planner.error is not None:
+        raise planner.error
+    return code
 
 
 def _supervise(
@@ -161,6 +185,7 @@ def _supervise(
     console: Console,
     quiet: bool,
     max_delete: int | None,
+    planner: Planner | None = None,
 ) -> int:
     budget = ctx.Value("q", -1 if max_delete is None else max_delete)
     stop_event = ctx.Event()
@@ -199,6 +224,11 @@ def _supervise(
                 stop_event.set()
                 display.stop()
                 console.print("stopping: workers finish their in-flight requests ...")
+            if planner is not None and planner.error is not None and not stop_event.is_set():
+                stop_event.set()  # the plan failed: stop the workers, then report it
+                display.stop()
+            if stop.requested and planner is not None:
+                planner.stop.set()
             if stop.requested > 1:
                 for p in procs.values():
                     p.terminate()
@@ -229,6 +259,11 @@ def _supervise(
         for owner in owners:  # workers release their rows; these are the ones that could not
             with contextlib.suppress(SQLAlchemyError):
                 ledger.release(owner)
+    if planner is not None:
+        planner.stop.set()  # complete by now, unless the run was stopped or workers failed
+        planner.join()
+        if planner.error is not None:
+            return EXIT_FAILED_ROWS  # run_job raises the plan's error
     counts = _final_counts(ledger)
     snap = Snapshot.from_counts(counts)
     display.plain(snap, f"failed {snap.failed}")

@@ -48,8 +48,9 @@ def nothing_left(cfg: Config, ledger: Ledger, budget: stages.DeleteBudget | None
     """True when this worker can stop: no row left to copy or rewrite, and no rewritten row
     that may still be deleted in this run. Under ``after_all``, rewritten rows wait for the
     delete gate, which opens once the last copies of other workers are recorded; only failures
-    before a rewrite keep it shut, and then there is nothing more to do."""
-    if ledger.any_in_states([State.PENDING, State.COPIED]):
+    before a rewrite keep it shut, and then there is nothing more to do. While the job is
+    being planned (``run`` lists it as the workers start) more rows may come."""
+    if ledger.any_in_states([State.PENDING, State.COPIED]) or not ledger.is_planned():
         return False
     if cfg.delete_source == "never" or (budget is not None and budget.exhausted()):
         return True

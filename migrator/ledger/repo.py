@@ -576,8 +576,9 @@ class Ledger:
 
     # -- questions the workers ask --------------------------------------------------------
     def delete_gate_open(self) -> bool:
-        """``after_all``: true when no row still needs copying or rewriting, and none failed
-        before its rewrite was committed (rclone's rule: no deletes after I/O errors)."""
+        """``after_all``: true when the job is planned (workers start while ``run`` still
+        lists it), no row still needs copying or rewriting, and none failed before its
+        rewrite was committed (rclone's rule: no deletes after I/O errors)."""
         # Two EXISTS, each an index range of its own: with one OR, SQLite walks the job's
         # rows in index order and, once no row is copied, reads every done row first.
         unfinished = sa.exists().where(
@@ -588,8 +589,11 @@ class Ledger:
             O.state == State.FAILED.value,
             sa.func.coalesce(O.failed_stage, "") != Stage.DELETE.value,
         )
+        unplanned = sa.exists().where(jobs.c.name == self.job, jobs.c.planned_at.is_(None))
         with self._read() as conn:
-            blocked = conn.execute(sa.select(sa.or_(unfinished, failed_before_rewrite))).scalar()
+            blocked = conn.execute(
+                sa.select(sa.or_(unplanned, unfinished, failed_before_rewrite))
+            ).scalar()
         return not blocked
 
     def any_in_states(self, states: Iterable[State]) -> bool:

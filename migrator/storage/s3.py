@@ -19,7 +19,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from migrator.config import Location
-from migrator.errors import PreflightError
+from migrator.errors import PreflightError, StorageError
 from migrator.storage.common import (
     ErrorKind,
     Head,
@@ -253,9 +253,21 @@ class S3Service:
         self._pool: ThreadPoolExecutor | None = None
 
     def list_pages(self, bucket: str, prefix: str) -> Iterator[list[ListedObject]]:
-        if self.fast is not None:
-            return self.fast.list_pages(bucket, prefix)
-        return list_pages(self.boto, bucket, prefix)
+        """Pages of the listing; a request that still fails after its retries ends it with a
+        one-line ``StorageError``."""
+        pages = (
+            self.fast.list_pages(bucket, prefix)
+            if self.fast is not None
+            else list_pages(self.boto, bucket, prefix)
+        )
+        try:
+            yield from pages
+        except (S3OperationError, ClientError, BotoCoreError) as exc:
+            err = exc if isinstance(exc, S3OperationError) else classify(exc)
+            raise StorageError(
+                f"listing s3://{bucket}/{prefix} failed: {err}; the plan is not complete: "
+                "fix the cause and run the command again"
+            ) from None
 
     def head(self, bucket: str, key: str) -> Head | None:
         return head(self.boto, bucket, key)

@@ -388,6 +388,7 @@ def test_permanent_failure_fails_at_once_and_retry_failed_puts_it_back(
 )
 def test_delete_gate(ledger: Ledger, engine: Engine, states: list[Any], is_open: bool) -> None:
     ledger.upsert_page(planned(len(states)))
+    ledger.mark_planned()
     keys = sorted(raw_rows(engine))
     for key, st in zip(keys, states, strict=True):
         state, stage = st if isinstance(st, tuple) else (st, None)
@@ -398,8 +399,11 @@ def test_delete_gate(ledger: Ledger, engine: Engine, states: list[Any], is_open:
 def test_delete_gate_ignores_other_jobs(ledger: Ledger, engine: Engine) -> None:
     ledger.upsert_page(planned(2))
     set_state(engine, sorted(raw_rows(engine)), State.REWRITTEN)
+    ledger.mark_planned()
     other = Ledger(engine, "other-job")
+    other.ensure_job("s3://legacy/image/", "s3://production/avatar/")
     other.upsert_page(planned(2))  # pending rows of another job
+    other.mark_planned()
     assert ledger.delete_gate_open() is True
     assert other.delete_gate_open() is False
 

@@ -171,3 +171,50 @@ def test_one_copy_per_object_and_batched_deletes(
     finally:
         engine.dispose()
     assert states == {"done": count}
+
+
+@pytest.mark.parametrize("policy", ["never", "after_all"])
+def test_workers_copy_while_run_is_still_listing(
+    tmp_path: Path, s3fast: Callable[..., S3Fast], policy: str
+) -> None:
+    """``run`` on a job never planned starts the workers at once: rows of the first pages are
+    finished before the listing ends (each ListObjectsV2 page is slowed to 0.8 s here), while
+    ``after_all`` deletes wait for the end of the plan — between two pages no row is pending,
+    and without that rule the gate would open."""
+    count = 1100  # two pages
+    server = s3fast("-latency", "800ms", "-fault-ops", "ListObjectsV2")
+    job = make_job(
+        tmp_path,
+        s3_client(server.endpoint),
+        server.endpoint,
+        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
+        app=f"sqlite:///{tmp_path / 'app.db'}" if policy == "after_all" else None,
+        count=count,
+        size=16,
+        chunk_size=200,
+        delete_source=policy,
+    )
+    server.reset_stats()
+
+    assert run_job(job.cfg, console=quiet()) == 0
+
+    ops = server.stats()["ops"]
+    assert ops.get("ListObjectsV2") == 2 and ops.get("CopyObject") == count, ops
+    assert_converged(job, sources_deleted=policy != "never")
+    engine = sa.create_engine(job.cfg.ledger)
+    try:
+        with engine.connect() as conn:
+            planned_at = conn.execute(
+                sa.text("SELECT planned_at FROM migrator_jobs WHERE name = :j"), {"j": job.cfg.job}
+            ).scalar_one()
+            # updated_at: when a row became done (copied, or its source deleted).
+            before_plan_end = conn.execute(
+                sa.text("SELECT count(*) FROM migrator_objects WHERE updated_at < :p"),
+                {"p": planned_at},
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    if policy == "never":
+        assert before_plan_end > 0  # copies finished while pages were still being listed
+    else:
+        assert before_plan_end == 0  # no source deleted before the plan was complete

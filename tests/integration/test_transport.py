@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from migrator.config import Location
+from migrator.errors import StorageError
 from migrator.storage import s3
 from migrator.storage.common import ErrorKind, S3OperationError
 from migrator.storage.crt import _Window
@@ -142,6 +143,10 @@ def test_errors_have_the_same_kinds_on_both_paths(
         )
         assert isinstance(missing_bucket, S3OperationError)
         assert (missing_bucket.kind, missing_bucket.code) == (ErrorKind.PERMANENT, "NoSuchBucket")
+        # A listing that fails ends in one line for the operator, not a traceback.
+        gone = unique("nobucket")
+        with pytest.raises(StorageError, match=f"listing s3://{gone}/in/ failed: NoSuchBucket"):
+            listing(svc, gone, "in/")
     finally:
         svc.close()
 

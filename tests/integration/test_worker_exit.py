@@ -16,7 +16,9 @@ from migrator.ledger.tables import objects
 from migrator.worker import nothing_left
 
 
-def ledger_in_states(tmp_path: Path, states: list[str], failed_stage: str | None = None) -> Ledger:
+def ledger_in_states(
+    tmp_path: Path, states: list[str], failed_stage: str | None = None, planned: bool = True
+) -> Ledger:
     engine = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     ledger = Ledger(engine, "job")
     ledger.ensure_job("s3://a/image/", "s3://b/avatar/")
@@ -30,6 +32,8 @@ def ledger_in_states(tmp_path: Path, states: list[str], failed_stage: str | None
                 .where(objects.c.source_key == f"image/{i}")
                 .values(state=state, failed_stage=failed_stage if state == "failed" else None)
             )
+    if planned:
+        ledger.mark_planned()
     return ledger
 
 
@@ -67,5 +71,20 @@ def test_a_worker_stops_only_when_nothing_is_left(
     ledger = ledger_in_states(tmp_path, states, failed_stage)
     try:
         assert nothing_left(cfg(policy), ledger) is stop
+    finally:
+        ledger.engine.dispose()
+
+
+@pytest.mark.parametrize("policy", ["after_all", "per_chunk", "never"])
+def test_a_worker_waits_while_the_job_is_being_planned(tmp_path: Path, policy: str) -> None:
+    """``run`` starts the workers while it still lists the job: every row finished so far is
+    no reason to stop, and under ``after_all`` no source may be deleted yet."""
+    ledger = ledger_in_states(tmp_path, ["done", "rewritten"], planned=False)
+    try:
+        assert nothing_left(cfg(policy), ledger) is False
+        assert ledger.delete_gate_open() is False
+        ledger.mark_planned()
+        assert nothing_left(cfg(policy), ledger) is (policy == "never")
+        assert ledger.delete_gate_open() is True
     finally:
         ledger.engine.dispose()
