@@ -3,6 +3,7 @@
     python -m bench.compare                         # everything: 2k, 20k, mixed, multi-host
     python -m bench.compare --quick                 # small sets, to try it out (a few minutes)
     python -m bench.compare --sets 20k --tools migrator-copy,rclone-tuned --repeat 3
+    python -m bench.compare --sets '' --docs none     # the multi-host scenario only
 
 One s3fast server (built by ``../shared/s3fast/build.sh``, on a free port) holds the source
 ``s3://src/image/`` and the destination ``s3://dst/avatar/``. For every data set and tool the
@@ -17,7 +18,10 @@ the server's counters are zeroed, the tool runs, and then:
   fails the check or exits non-zero is marked failed.
 
 The multi-host scenario runs one full job (Postgres ledger and app DB) on the 20k set with two
-supervisors of ``workers: 2`` started together (stand-ins for two hosts), against one.
+supervisors of ``workers: 2`` started together (stand-ins for two hosts), against one: on the
+usual server, where the job is CPU-bound on this machine, and again on a second s3fast that
+answers each CopyObject ``--multihost-latency`` later (100 ms unless told), where each
+supervisor is bound by its requests in flight, as a host is on real S3.
 
 Raw figures go to ``bench/results/bench-<date>-<time>.json``; the part of
 ``docs/benchmarks.md`` between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` is
@@ -34,12 +38,14 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -192,18 +198,7 @@ class Bench:
         self.binary = binary
         self.work = work
         self.server = S3Server(binary)
-        self.s3 = boto3.client(
-            "s3",
-            endpoint_url=self.server.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-            config=BotoConfig(
-                s3={"addressing_style": "path"},
-                max_pool_connections=16,
-                request_checksum_calculation="when_required",
-            ),
-        )
+        self.s3 = s3_client(self.server.endpoint)
         self.seeded: str | None = None  # the data set whose sources are all in place
         self.serial = 0
         self.admin: sa.Engine | None = None
@@ -258,6 +253,21 @@ class Bench:
             self.fresh_database("app")
             self.app_created = True
 
+    @contextlib.contextmanager
+    def other_server(self, *flags: str) -> Iterator[S3Server]:
+        """Inside the block, a second s3fast started with ``flags`` (e.g. injected latency)
+        stands in for the usual one: seeding, configs, checks and counters all follow
+        ``self.server``. A separate process, so the other scenarios keep a server without
+        faults; it is stopped, and the usual one restored, afterwards."""
+        saved = self.server, self.s3, self.seeded
+        server = S3Server(self.binary, *flags)
+        try:
+            self.server, self.s3, self.seeded = server, s3_client(server.endpoint), None
+            yield server
+        finally:
+            self.server, self.s3, self.seeded = saved
+            server.stop()
+
     def close(self) -> None:
         self.server.stop()
         if self.admin is not None:
@@ -267,7 +277,12 @@ class Bench:
 
     # -- configs -----------------------------------------------------------------------------
 
-    def migrator_config(self, *, full: bool, workers: int | None = None) -> Path:
+    def migrator_config(
+        self, *, full: bool, workers: int | None = None, kind: str | None = None
+    ) -> Path:
+        """A fresh run directory with a config for the current server. ``kind`` names the
+        config in the results (the last one of each kind is kept); the seeder's configs get
+        none, so they never stand in for a measured run's."""
         self.serial += 1
         run_dir = self.work / f"run-{self.serial}"
         run_dir.mkdir()
@@ -302,7 +317,8 @@ class Bench:
             data["delete_source"] = "after_all"
         path = run_dir / "config.yaml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
-        self.configs["full job" if full else "copy-only"] = path.read_text()
+        if kind:
+            self.configs[kind] = path.read_text()
         return path
 
     # -- data --------------------------------------------------------------------------------
@@ -407,7 +423,8 @@ class Bench:
         env = dict(self.env)
         if tool.startswith("migrator"):
             # One command, as an operator runs it: `run` plans a job that was never planned.
-            config = str(self.migrator_config(full=tool == "migrator-full"))
+            full = tool == "migrator-full"
+            config = str(self.migrator_config(full=full, kind="full job" if full else "copy-only"))
             return [[[*self.migrator, "run", "--quiet", "--config", config]]], env
         if tool.startswith("aws"):
             if not self.aws:
@@ -499,6 +516,22 @@ def failed_step(usage: Usage) -> str:
     return "failed"
 
 
+def s3_client(endpoint: str) -> Any:
+    """The harness's own boto3 client (seeding, emptying, listing), not any tool's."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=BotoConfig(
+            s3={"addressing_style": "path"},
+            max_pool_connections=16,
+            request_checksum_calculation="when_required",
+        ),
+    )
+
+
 def tool_env(work: Path) -> dict[str, str]:
     """The environment of every tool: no AWS_CA_BUNDLE (a path that may not exist), no
     profile or config from ~/.aws, dummy credentials; a private AWS config file per tool."""
@@ -544,52 +577,94 @@ def median_run(runs: list[Run]) -> dict[str, Any]:
 # -- multi-host ------------------------------------------------------------------------------
 
 
-def multihost(bench: Bench, objects: int) -> dict[str, Any]:
+MULTIHOST_WORKERS = 2  # per supervisor: one worker per core of the 2-core bench machine
+
+
+def multihost(bench: Bench, objects: int, copy_latency_ms: float | None = None) -> dict[str, Any]:
     """One full job on one Postgres ledger: two supervisors of ``workers: 2`` started at once
     (two hosts) against one. Plan once, then the ``migrator run``s together. Besides the
     usual figures: the peak number of Postgres connections per database, the ledger's size
-    after plan and after the run, and the WAL the server wrote meanwhile (server-wide)."""
-    ds = DataSet("multihost", f"{objects:,} × 2 KiB", objects, "loadgen")
-    out: dict[str, Any] = {"objects": objects, "workers_per_supervisor": 2, "runs": []}
-    for supervisors in (1, 2):
-        bench.seed(ds, app=True)
-        bench.fresh_database("ledger")
-        config = str(bench.migrator_config(full=True, workers=2))
-        wal0 = wal_lsn(bench)
-        plan = run_measured(
-            [[[*bench.migrator, "plan", "--config", config]]], env=bench.env, cwd=bench.work
-        )
-        wal1 = wal_lsn(bench)
-        planned = ledger_size(bench) if plan.ok else {}
-        bench.server.reset_stats()
-        cpu0 = bench.server.cpu_seconds()
-        run = [*bench.migrator, "run", "--quiet", "--config", config]
-        with PgWatch(bench.postgres(), list(bench.db_names.values())) as watch:
-            usage = run_measured([[run] * supervisors], env=bench.env, cwd=bench.work)
-        server_cpu = bench.server.cpu_seconds() - cpu0
-        stats = bench.server.stats()
-        wal2 = wal_lsn(bench)
-        problems = [] if usage.ok and plan.ok else [failed_step(usage if not usage.ok else plan)]
-        problems += bench.check(ds, full=True)
-        result = make_run(f"multihost-{supervisors}", ds, usage, stats, server_cpu, problems)
-        row = result.as_dict()
-        row["supervisors"] = supervisors
-        row["plan_s"] = plan.wall_s
-        row["run_s"] = usage.wall_s
-        row.update(delete_audit(bench, stats, objects, problems))
-        if row["copy_objects"] != objects:
-            problems.append(f"{row['copy_objects']} CopyObject requests for {objects} objects")
-        row["pg_connections_peak"] = bench.connection_peaks(watch)
-        row["postgres_cpu_s"] = watch.cpu_seconds()
-        row["ledger_after_plan"] = planned
-        row["ledger_after_run"] = ledger_size(bench)
-        row["wal_bytes_plan"] = wal1 - wal0
-        row["wal_bytes_run"] = wal2 - wal1
-        row["problems"] = problems
-        row["ok"] = not problems
-        out["runs"].append(row)
-        print(progress_line(row), file=sys.stderr, flush=True)
+    after plan and after the run, and the WAL the server wrote meanwhile (server-wide).
+
+    With ``copy_latency_ms`` the job runs on a second s3fast that answers every CopyObject
+    that much later (``-latency … -fault-ops CopyObject``; other requests at once), as real
+    S3 does in tens of ms. A supervisor is then bound by its copies in flight
+    (``workers × concurrency``), not by this machine's cores, which is the case in which a
+    second host is meant to pay off; without latency the job is CPU-bound on the 2 cores
+    that client, s3fast and Postgres share, and the scenario shows a second supervisor's
+    overhead instead."""
+    out: dict[str, Any] = {
+        "objects": objects,
+        "workers_per_supervisor": MULTIHOST_WORKERS,
+        "concurrency": bench.args.concurrency,
+        "chunk_size": bench.args.chunk_size,
+        "copy_latency_ms": copy_latency_ms,
+        "runs": [],
+    }
+    flags, suffix = [], ""
+    if copy_latency_ms:
+        flags = ["-latency", f"{copy_latency_ms:g}ms", "-fault-ops", "CopyObject"]
+        suffix = f", {copy_latency_ms:g} ms per CopyObject"
+    server: contextlib.AbstractContextManager[S3Server] = (
+        bench.other_server(*flags) if flags else contextlib.nullcontext(bench.server)
+    )
+    ds = DataSet(f"multihost{suffix}", f"{objects:,} × 2 KiB", objects, "loadgen")
+    with server as used:
+        out["runs"] = [multihost_run(bench, ds, n, f"multi-host{suffix}") for n in (1, 2)]
+    if flags:
+        out.update(s3fast_flags=flags, endpoint=used.endpoint)
     return out
+
+
+def multihost_run(bench: Bench, ds: DataSet, supervisors: int, kind: str) -> dict[str, Any]:
+    """Seed, plan once, then ``supervisors`` ``migrator run``s at the same moment; the row
+    with the usual figures and the evidence of one copy and one delete per object."""
+    bench.seed(ds, app=True)
+    bench.fresh_database("ledger")
+    config = str(bench.migrator_config(full=True, workers=MULTIHOST_WORKERS, kind=kind))
+    wal0 = wal_lsn(bench)
+    plan = run_measured(
+        [[[*bench.migrator, "plan", "--config", config]]], env=bench.env, cwd=bench.work
+    )
+    wal1 = wal_lsn(bench)
+    planned = ledger_size(bench) if plan.ok else {}
+    bench.server.reset_stats()
+    cpu0 = bench.server.cpu_seconds()
+    run = [*bench.migrator, "run", "--quiet", "--config", config]
+    with PgWatch(bench.postgres(), list(bench.db_names.values())) as watch:
+        usage = run_measured([[run] * supervisors], env=bench.env, cwd=bench.work)
+    server_cpu = bench.server.cpu_seconds() - cpu0
+    stats = bench.server.stats()
+    wal2 = wal_lsn(bench)
+    problems = [] if usage.ok and plan.ok else [failed_step(usage if not usage.ok else plan)]
+    problems += bench.check(ds, full=True)
+    result = make_run(f"multihost-{supervisors}", ds, usage, stats, server_cpu, problems)
+    row = result.as_dict()
+    row["supervisors"] = supervisors
+    row["plan_s"] = plan.wall_s
+    row["run_s"] = usage.wall_s
+    row["exit_codes"] = [code for step in usage.steps for code in step.exit_codes]
+    row.update(delete_audit(bench, stats, ds.count, problems))
+    if row["copy_objects"] != ds.count:
+        problems.append(f"{row['copy_objects']} CopyObject requests for {ds.count} objects")
+    row["pg_connections_peak"] = bench.connection_peaks(watch)
+    row["postgres_cpu_s"] = watch.cpu_seconds()
+    row["ledger_after_plan"] = planned
+    row["ledger_after_run"] = ledger_size(bench)
+    row["wal_bytes_plan"] = wal1 - wal0
+    row["wal_bytes_run"] = wal2 - wal1
+    row["problems"] = problems
+    row["ok"] = not problems
+    print(progress_line(row), file=sys.stderr, flush=True)
+    return row
+
+
+def multihost_variant(bench: Bench, objects: int, copy_latency_ms: float | None) -> dict[str, Any]:
+    """``multihost``, or why it was skipped (no PostgreSQL server)."""
+    try:
+        return multihost(bench, objects, copy_latency_ms)
+    except sa.exc.OperationalError as exc:
+        return {"skipped": str(exc).splitlines()[0], "copy_latency_ms": copy_latency_ms}
 
 
 class PgWatch(threading.Thread):
@@ -826,6 +901,17 @@ def progress_line(row: dict[str, Any]) -> str:
     )
 
 
+def latency_ms(text: str) -> float | None:
+    """``--multihost-latency`` in milliseconds; ``None`` (skip the variant) for 0 or none."""
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"--multihost-latency: want e.g. 100ms, 0.2s or none, not {text!r}")
+    value = float(match[1]) * (1000 if match[2] == "s" else 1)
+    return value or None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -838,7 +924,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--multihost",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run the two-supervisor scenario (on the 20k set)",
+        help="run the two-supervisor scenario (on the 20k set; both variants)",
+    )
+    parser.add_argument(
+        "--multihost-latency",
+        default="100ms",
+        metavar="D",
+        help="also run the two-supervisor scenario on an s3fast that answers each CopyObject\n"
+        "this much later (e.g. 100ms, 0.2s; a bare number is ms); 0 or none: skip it",
     )
     # migrator's own defaults
     parser.add_argument("--workers", type=int, default=4, help="migrator workers (processes)")
@@ -855,6 +948,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
     args.tools = [t for t in args.tools.split(",") if t]
+    try:
+        args.multihost_latency_ms = latency_ms(args.multihost_latency)
+    except ValueError as exc:
+        parser.error(str(exc))
     for name in args.sets:
         if name not in ("2k", "20k", "mixed"):
             parser.error(f"unknown data set {name!r}")
@@ -920,11 +1017,13 @@ def main(argv: list[str] | None = None) -> int:
                     failed |= not row["ok"]
                     print(progress_line(row), file=sys.stderr, flush=True)
             if args.multihost:
-                try:
-                    results["multihost"] = multihost(bench, sets["20k"].count)
-                    failed |= not all(r["ok"] for r in results["multihost"]["runs"])
-                except sa.exc.OperationalError as exc:
-                    results["multihost"] = {"skipped": str(exc).splitlines()[0]}
+                latencies = (
+                    [None, args.multihost_latency_ms] if args.multihost_latency_ms else [None]
+                )
+                for latency in latencies:
+                    key = "multihost" if latency is None else "multihost_latency"
+                    results[key] = multihost_variant(bench, sets["20k"].count, latency)
+                    failed |= not all(r["ok"] for r in results[key].get("runs", []))
         finally:
             results["migrator_configs"] = bench.configs
             results["seed_commands"] = bench.seed_commands
