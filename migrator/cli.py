@@ -230,6 +230,58 @@ def status(config_path: Path, as_json: bool) -> None:
         )
 
 
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@handle_errors
+def check(config_path: Path, as_json: bool) -> None:
+    """Check everything a run needs and print a checklist: credentials, buckets and their
+    regions and versioning, list/read/delete rights on the source, write rights on the
+    destination (an empty probe object, removed again), the app table, column and its index,
+    and the ledger. Exit 2 when an item fails. `run` repeats the checks without the probes.
+
+    Example: migrator check --config config.yaml
+    """
+    cfg = _load(config_path)
+    from migrator.check import run_checks
+
+    items = run_checks(cfg)
+    failed = [i for i in items if i.status == "fail"]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "items": [i.as_dict() for i in items]}))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"checks for job {cfg.job}")
+        for column in ("check", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        from rich.text import Text
+
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+        for i in items:  # Text: an error's "[Errno …]" is not markup
+            table.add_row(Text(i.check), Text(i.status, style=style[i.status]), Text(i.detail))
+        out_console.print(table)
+    if failed:
+        names = ", ".join(i.check for i in failed)
+        _fail(f"{len(failed)} check(s) failed: {names}; see the table for how to fix", EXIT_USAGE)
+
+
+@main.command("iam-policy")
+@config_option
+@handle_errors
+def iam_policy(config_path: Path) -> None:
+    """Print least-privilege IAM policies for this job as one JSON object: "source" for the
+    principal that reads (and deletes) the sources, "destination" for the one that writes the
+    copies; attach both to one principal when one profile serves both sides.
+
+    Example: migrator iam-policy | jq .source > source-policy.json
+    """
+    cfg = _load(config_path)
+    from migrator.iam import policies
+
+    click.echo(json.dumps(policies(cfg), indent=2))
+
+
 @main.command("retry-failed")
 @config_option
 @handle_errors

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.appdb import AppDatabase
+from migrator.check import run_checks
 from migrator.config import Config
 from migrator.errors import (
     EXIT_FAILED_ROWS,
@@ -120,6 +121,19 @@ def run_plan(
     return totals
 
 
+def start_checks(cfg: Config, console: Console) -> None:
+    """``migrator check`` without its probes, before anything is written: a failed item ends
+    the run (exit 2), a warning is printed and the run goes on."""
+    items = run_checks(cfg, probes=False)
+    failed = [i for i in items if i.status == "fail"]
+    if failed:
+        more = f" (and {len(failed) - 1} more; see `migrator check`)" if len(failed) > 1 else ""
+        raise PreflightError(f"{failed[0].detail}{more}")
+    for item in items:
+        if item.status == "warn":
+            console.print(f"warning: {item.check}: {item.detail}", highlight=False, markup=False)
+
+
 class Planner(threading.Thread):
     """``run`` on a job never planned: the listing goes into the ledger page by page while
     the workers start and claim the first pages, instead of before them. The workers wait
@@ -157,6 +171,7 @@ def run_job(
     ``max_delete`` caps the sources this run deletes (rclone's ``--max-delete``)."""
     console = console or Console(stderr=True)
     ctx = start_fork_server()  # already running when the CLI started it
+    start_checks(cfg, console)
     res = preflight(cfg)
     planner: Planner | None = None
     try:

@@ -134,11 +134,12 @@ class ClientFactory:
         return client
 
 
-def check_bucket(client: Any, location: Location, side: str) -> None:
-    """Pre-flight: the bucket exists and is reachable, else a one-line PreflightError."""
+def check_bucket(client: Any, location: Location, side: str) -> str | None:
+    """Pre-flight: the bucket exists and is reachable, else a one-line PreflightError.
+    Returns the bucket's region when S3 says it (``x-amz-bucket-region``)."""
     where = location.endpoint_url or "AWS"
     try:
-        client.head_bucket(Bucket=location.bucket)
+        resp = client.head_bucket(Bucket=location.bucket)
     except EndpointConnectionError:
         raise PreflightError(
             f"{side}: cannot reach S3 endpoint {where}; check {side}.endpoint_url and that the "
@@ -159,6 +160,9 @@ def check_bucket(client: Any, location: Location, side: str) -> None:
         raise PreflightError(f"{side}: bucket {location.bucket!r}: {code}") from None
     except BotoCoreError as exc:
         raise PreflightError(f"{side}: S3 at {where} failed: {exc}") from None
+    headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    region: str | None = resp.get("BucketRegion") or headers.get("x-amz-bucket-region")
+    return region
 
 
 def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObject]]:

@@ -1,0 +1,284 @@
+"""``migrator check``: what a run needs, as a checklist, before anything is moved.
+
+Each item is ``ok``, ``warn`` (the run works, but the operator should know), ``fail`` (the run
+would fail or do harm) or ``skip`` (not applicable, or not safely testable). The probes are
+chosen to change nothing that matters: the source's delete right is probed by deleting a key
+that does not exist (skipped on a versioned bucket, where that would leave a delete marker),
+the destination's write right by writing an empty probe object and removing it again (its
+version too, on a versioned bucket). ``run`` repeats the checks without those two probes and
+prints the warnings.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from migrator.appdb import AppDatabase
+from migrator.config import Config, Location
+from migrator.errors import MigratorError, db_reason
+from migrator.ledger.repo import safe_url, schema_revision
+from migrator.storage import s3
+
+
+@dataclass(frozen=True)
+class Item:
+    check: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def _s3_reason(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        return f"{s3.error_code(exc)}: {exc.response.get('Error', {}).get('Message', '')}".strip()
+    return str(exc)
+
+
+class _Side:
+    """The checks of one bucket, with one client and what earlier checks found."""
+
+    def __init__(self, cfg: Config, loc: Location, side: str) -> None:
+        self.cfg, self.loc, self.side = cfg, loc, side
+        self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
+        self.client = self.factory.client()
+        self.versioning = ""  # "", "Enabled" or "Suspended"
+        self.where = f"s3://{loc.bucket}/{loc.prefix}"
+
+    def item(self, what: str, status: str, detail: str) -> Item:
+        return Item(f"{self.side}: {what}", status, detail)
+
+    def credentials(self) -> Item:
+        creds = self.factory.core.get_credentials()
+        if creds is None:
+            profile = f" (profile {self.loc.profile})" if self.loc.profile else ""
+            return self.item(
+                "credentials",
+                "fail",
+                f"no AWS credentials found{profile}: set AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, a profile, or a role",
+            )
+        return self.item("credentials", "ok", f"found ({creds.method})")
+
+    def bucket(self) -> Item:
+        try:
+            region = s3.check_bucket(self.client, self.loc, self.side)
+        except MigratorError as exc:
+            return self.item("bucket", "fail", str(exc))
+        if region and self.loc.region and region != self.loc.region:
+            return self.item(
+                "bucket",
+                "warn",
+                f"{self.loc.bucket} is in {region}, the config says {self.loc.region}; set "
+                f"{self.side}.region: {region}",
+            )
+        return self.item("bucket", "ok", f"{self.loc.bucket} exists, region {region or '?'}")
+
+    def versioning_state(self) -> Item:
+        try:
+            status = self.client.get_bucket_versioning(Bucket=self.loc.bucket).get("Status", "")
+        except (ClientError, BotoCoreError) as exc:
+            return self.item(
+                "versioning",
+                "warn",
+                f"unknown ({_s3_reason(exc)}); grant s3:GetBucketVersioning to check",
+            )
+        self.versioning = status
+        if status and self.side == "source" and self.cfg.delete_source != "never":
+            return self.item(
+                "versioning",
+                "warn",
+                f"{status}: deleting a source leaves a delete marker, and the old version "
+                "stays (and is billed) until a lifecycle rule expires it",
+            )
+        return self.item("versioning", "ok", status or "not versioned")
+
+    def list_right(self) -> tuple[Item, str | None]:
+        try:
+            resp = self.client.list_objects_v2(
+                Bucket=self.loc.bucket, Prefix=self.loc.prefix, MaxKeys=1
+            )
+        except (ClientError, BotoCoreError) as exc:
+            return self.item("list", "fail", f"cannot list {self.where}: {_s3_reason(exc)}"), None
+        first = next((o["Key"] for o in resp.get("Contents", ())), None)
+        if first is None and self.side == "source":
+            return self.item("list", "warn", f"{self.where} holds no objects"), None
+        return self.item("list", "ok", f"can list {self.where}"), first
+
+    def read_right(self, key: str | None) -> Item:
+        if key is None:
+            return self.item("read", "skip", "no object to read")
+        try:
+            self.client.head_object(Bucket=self.loc.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            return self.item("read", "fail", f"cannot read {key}: {_s3_reason(exc)}")
+        return self.item("read", "ok", f"can read objects (HeadObject {key})")
+
+    def probe_key(self) -> str:
+        return f"{self.loc.prefix}.migrator-check-{uuid.uuid4().hex}"
+
+    def delete_right(self) -> Item:
+        if self.versioning:
+            return self.item(
+                "delete", "skip", "not probed on a versioned bucket (it would leave a marker)"
+            )
+        key = self.probe_key()
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            return self.item("delete", "fail", f"cannot delete in {self.where}: {_s3_reason(exc)}")
+        return self.item("delete", "ok", "can delete (probed with a key that does not exist)")
+
+    def write_right(self) -> Item:
+        key = self.probe_key()
+        try:
+            put = self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=b"")
+        except (ClientError, BotoCoreError) as exc:
+            return self.item("write", "fail", f"cannot write to {self.where}: {_s3_reason(exc)}")
+        extra = {"VersionId": put["VersionId"]} if put.get("VersionId") else {}
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=key, **extra)
+        except (ClientError, BotoCoreError) as exc:
+            return self.item(
+                "write",
+                "warn",
+                f"can write, but the probe object {key} could not be removed "
+                f"({_s3_reason(exc)}); delete it by hand",
+            )
+        return self.item("write", "ok", "can write (an empty probe object, removed again)")
+
+
+def _s3_items(cfg: Config, probes: bool) -> list[Item]:
+    items: list[Item] = []
+    for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
+        check = _Side(cfg, loc, side)
+        creds = check.credentials()
+        items.append(creds)
+        if creds.status == "fail":
+            continue
+        bucket = check.bucket()
+        items.append(bucket)
+        if bucket.status == "fail":
+            continue
+        items.append(check.versioning_state())
+        listed, first = check.list_right()
+        items.append(listed)
+        if side == "source":
+            items.append(check.read_right(first))
+            if probes and cfg.delete_source != "never":
+                items.append(check.delete_right())
+        elif probes:
+            items.append(check.write_right())
+        check.client.close()
+    if cfg.source.model_dump(exclude={"bucket", "prefix"}) != cfg.destination.model_dump(
+        exclude={"bucket", "prefix"}
+    ):
+        items.append(
+            Item(
+                "server-side copy",
+                "fail",
+                "source and destination use different endpoints, regions or profiles; "
+                "server-side copy needs one S3 service for both sides",
+            )
+        )
+    return items
+
+
+def _index_of(engine: sa.Engine, table: sa.Table, column: str) -> str | None:
+    """The name of an index (or key) that starts with ``column``, if any."""
+    insp = sa.inspect(engine)
+    found: list[tuple[str | None, list[Any]]] = []
+    pk = insp.get_pk_constraint(table.name, schema=table.schema)
+    found.append((pk.get("name") or "primary key", pk.get("constrained_columns") or []))
+    for ix in insp.get_indexes(table.name, schema=table.schema):
+        found.append((ix.get("name"), list(ix.get("column_names") or [])))
+    for uq in insp.get_unique_constraints(table.name, schema=table.schema):
+        found.append((uq.get("name"), list(uq.get("column_names") or [])))
+    return next((name or "unnamed" for name, cols in found if cols[:1] == [column]), None)
+
+
+def _app_items(cfg: Config) -> list[Item]:
+    if cfg.app_db is None:
+        return [Item("app database", "skip", "no app_db: nothing to rewrite")]
+    name = f"{cfg.app_db.table}.{cfg.app_db.column}"
+    try:
+        app = AppDatabase(cfg.app_db)
+    except MigratorError as exc:
+        return [Item("app database", "fail", str(exc))]
+    try:
+        index = _index_of(app.engine, app.table, cfg.app_db.column)
+    except SQLAlchemyError as exc:
+        return [Item("app database", "warn", f"{name} found; indexes unknown: {db_reason(exc)}")]
+    finally:
+        app.dispose()
+    items = [Item("app database", "ok", f"{name} found in {safe_url(cfg.app_db.url)}")]
+    if index is None:
+        items.append(
+            Item(
+                "app index",
+                "warn",
+                f"no index on {name}: every rewrite batch scans the table; "
+                f"CREATE INDEX ON {cfg.app_db.table} ({cfg.app_db.column})",
+            )
+        )
+    else:
+        items.append(Item("app index", "ok", f"{name} is indexed ({index})"))
+    return items
+
+
+def _ledger_item(cfg: Config) -> Item:
+    url = make_url(cfg.ledger)
+    where = safe_url(cfg.ledger)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "")
+        if path.exists():
+            ok = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+            detail = f"{path} exists" + ("" if ok else " but is not writable (file or directory)")
+            return Item("ledger", "ok" if ok else "fail", detail)
+        parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+        ok = os.access(parent, os.W_OK)
+        return Item(
+            "ledger",
+            "ok" if ok else "fail",
+            f"{path} will be created" if ok else f"cannot create {path}: {parent} not writable",
+        )
+    engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            revision = schema_revision(engine)
+            if revision is None:
+                allowed = conn.execute(
+                    sa.text("SELECT has_database_privilege(current_database(), 'CREATE')")
+                ).scalar()
+                detail = "no ledger tables yet; they will be created"
+            else:
+                allowed = conn.execute(
+                    sa.text(
+                        "SELECT has_table_privilege('migrator_objects', "
+                        "'SELECT, INSERT, UPDATE, DELETE')"
+                    )
+                ).scalar()
+                detail = f"schema revision {revision}"
+    except SQLAlchemyError as exc:
+        return Item("ledger", "fail", f"{where} is not usable: {db_reason(exc)}")
+    finally:
+        engine.dispose()
+    if not allowed:
+        return Item("ledger", "fail", f"{where}: {detail}, but this user may not write there")
+    return Item("ledger", "ok", f"{where}: {detail}")
+
+
+def run_checks(cfg: Config, *, probes: bool = True) -> list[Item]:
+    """Every check, in the order an operator reads them; ``probes`` adds the delete and write
+    probes (``migrator check``), which ``run`` leaves out."""
+    return [*_s3_items(cfg, probes), *_app_items(cfg), _ledger_item(cfg)]

@@ -1,0 +1,100 @@
+"""``migrator iam-policy``: least-privilege IAM policies for the two sides of a job.
+
+One policy per side, because source and destination may be read and written by different
+principals (``source.profile`` / ``destination.profile``). Every statement names exactly the
+bucket and prefix of the config, and an action is listed only when the job's settings use it
+(no ``s3:DeleteObject`` on the source under ``delete_source: never``).
+
+What each action is for (the S3 API call that needs it):
+
+* source ``s3:ListBucket``: ``plan`` (ListObjectsV2), the pre-flight ``HeadBucket``, and a
+  404 rather than a 403 for a source deleted since the plan; ``s3:GetObject``:
+  ``CopyObject``'s read of the source, and ``HeadObject`` when a copy is refused (412);
+  ``s3:GetObjectTagging``: ``CopyObject`` copies the tags; ``s3:DeleteObject``:
+  ``DeleteObjects`` of migrated sources.
+* destination ``s3:PutObject`` (+ ``s3:PutObjectTagging``): ``CopyObject``'s write, and the
+  parts of a multipart copy; ``s3:GetObject``: ``HeadObject`` (verify, conflicts, ``migrator
+  verify``); ``s3:ListBucket``: ``HeadBucket``, ``migrator verify``'s listing, and a 404 rather
+  than a 403 for a missing key; ``s3:AbortMultipartUpload`` and
+  ``s3:ListBucketMultipartUploads``: cleaning up incomplete multipart uploads.
+* both: ``s3:GetBucketVersioning`` and ``s3:GetBucketLocation`` for ``migrator check``.
+
+Object statements are limited to ``bucket/prefix*``; bucket statements cannot be (see
+``_bucket_statement``). A prefix holding ``*`` or ``?`` would widen the object resource, as
+those are wildcards in IAM resource ARNs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from migrator.config import Config, Location
+
+VERSION = "2012-10-17"
+
+
+def partition(region: str | None) -> str:
+    """The ARN partition of a region (AWS China and GovCloud have their own)."""
+    if region and region.startswith("cn-"):
+        return "aws-cn"
+    if region and region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def _bucket_arn(loc: Location) -> str:
+    return f"arn:{partition(loc.region)}:s3:::{loc.bucket}"
+
+
+def _bucket_statement(sid: str, loc: Location, actions: list[str]) -> dict[str, Any]:
+    # s3:ListBucket without an s3:prefix condition: HeadBucket and HeadObject carry no prefix,
+    # so such a condition denies them — and without ListBucket, S3 answers a HeadObject of a
+    # missing key 403 instead of 404, which would hide a deleted source or a free destination.
+    return {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": _bucket_arn(loc)}
+
+
+def _objects(sid: str, loc: Location, actions: list[str]) -> dict[str, Any]:
+    return {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Action": actions,
+        "Resource": f"{_bucket_arn(loc)}/{loc.prefix}*",
+    }
+
+
+def source_policy(cfg: Config) -> dict[str, Any]:
+    src = cfg.source
+    objects = ["s3:GetObject", "s3:GetObjectTagging"]
+    if cfg.delete_source != "never":
+        objects.append("s3:DeleteObject")
+    bucket = ["s3:ListBucket", "s3:GetBucketLocation", "s3:GetBucketVersioning"]
+    return {
+        "Version": VERSION,
+        "Statement": [
+            _bucket_statement("SourceBucket", src, bucket),
+            _objects("SourceObjects", src, objects),
+        ],
+    }
+
+
+def destination_policy(cfg: Config) -> dict[str, Any]:
+    dst = cfg.destination
+    bucket = [
+        "s3:ListBucket",
+        "s3:ListBucketMultipartUploads",
+        "s3:GetBucketLocation",
+        "s3:GetBucketVersioning",
+    ]
+    objects = ["s3:PutObject", "s3:PutObjectTagging", "s3:GetObject", "s3:AbortMultipartUpload"]
+    return {
+        "Version": VERSION,
+        "Statement": [
+            _bucket_statement("DestinationBucket", dst, bucket),
+            _objects("DestinationObjects", dst, objects),
+        ],
+    }
+
+
+def policies(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``{"source": policy, "destination": policy}`` for this job."""
+    return {"source": source_policy(cfg), "destination": destination_policy(cfg)}
