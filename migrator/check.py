@@ -5,8 +5,8 @@ would fail or do harm) or ``skip`` (not applicable, or not safely testable). The
 chosen to change nothing that matters: the source's delete right is probed by deleting a key
 that does not exist (skipped on a versioned bucket, where that would leave a delete marker),
 the destination's write right by writing an empty probe object and removing it again (its
-version too, on a versioned bucket). ``run`` repeats the checks without those two probes and
-prints the warnings.
+version too, on a versioned bucket). ``run`` repeats the checks that cost no listing and no
+probe (``start_checks``) and prints the warnings.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class _Side:
         return self.item("write", "ok", "can write (an empty probe object, removed again)")
 
 
-def _s3_items(cfg: Config, probes: bool) -> list[Item]:
+def _s3_items(cfg: Config) -> list[Item]:
     items: list[Item] = []
     for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
         check = _Side(cfg, loc, side)
@@ -175,9 +175,9 @@ def _s3_items(cfg: Config, probes: bool) -> list[Item]:
         items.append(listed)
         if side == "source":
             items.append(check.read_right(first))
-            if probes and cfg.delete_source != "never":
+            if cfg.delete_source != "never":
                 items.append(check.delete_right())
-        elif probes:
+        else:
             items.append(check.write_right())
         check.client.close()
     if cfg.source.model_dump(exclude={"bucket", "prefix"}) != cfg.destination.model_dump(
@@ -270,7 +270,7 @@ def _ledger_item(cfg: Config) -> Item:
                 ).scalar()
                 detail = f"schema revision {revision}"
     except SQLAlchemyError as exc:
-        return Item("ledger", "fail", f"{where} is not usable: {db_reason(exc)}")
+        return Item("ledger", "fail", f"ledger {where} is not usable: {db_reason(exc)}")
     finally:
         engine.dispose()
     if not allowed:
@@ -278,7 +278,24 @@ def _ledger_item(cfg: Config) -> Item:
     return Item("ledger", "ok", f"{where}: {detail}")
 
 
-def run_checks(cfg: Config, *, probes: bool = True) -> list[Item]:
-    """Every check, in the order an operator reads them; ``probes`` adds the delete and write
-    probes (``migrator check``), which ``run`` leaves out."""
-    return [*_s3_items(cfg, probes), *_app_items(cfg), _ledger_item(cfg)]
+def run_checks(cfg: Config) -> list[Item]:
+    """Every check, in the order an operator reads them (``migrator check``)."""
+    return [*_s3_items(cfg), *_app_items(cfg), _ledger_item(cfg)]
+
+
+def start_checks(cfg: Config) -> list[Item]:
+    """What ``run`` checks before its pre-flight: the items that cost no listing and no
+    probe — credentials, the source's versioning when sources are deleted (one request), the
+    app column's index. Buckets, the app table and the ledger are pre-flight's own checks."""
+    items: list[Item] = []
+    for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
+        check = _Side(cfg, loc, side)
+        items.append(check.credentials())
+        if side == "source" and cfg.delete_source != "never" and items[-1].status == "ok":
+            versioning = check.versioning_state()
+            if check.versioning:  # known to be on; a refused read is pre-flight's to report
+                items.append(versioning)
+        check.client.close()
+    if cfg.app_db is not None:
+        items += [i for i in _app_items(cfg) if i.check == "app index"]
+    return items

@@ -238,7 +238,8 @@ def check(config_path: Path, as_json: bool) -> None:
     """Check everything a run needs and print a checklist: credentials, buckets and their
     regions and versioning, list/read/delete rights on the source, write rights on the
     destination (an empty probe object, removed again), the app table, column and its index,
-    and the ledger. Exit 2 when an item fails. `run` repeats the checks without the probes.
+    and the ledger. Exit 2 when an item fails. `run` checks credentials, the source's
+    versioning and the app index first.
 
     Example: migrator check --config config.yaml
     """

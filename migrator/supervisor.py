@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.appdb import AppDatabase
-from migrator.check import run_checks
+from migrator.check import start_checks
 from migrator.config import Config
 from migrator.errors import (
     EXIT_FAILED_ROWS,
@@ -121,10 +121,10 @@ def run_plan(
     return totals
 
 
-def start_checks(cfg: Config, console: Console) -> None:
-    """``migrator check`` without its probes, before anything is written: a failed item ends
+def _start_checks(cfg: Config, console: Console) -> None:
+    """The light part of ``migrator check``, before anything is written: a failed item ends
     the run (exit 2), a warning is printed and the run goes on."""
-    items = run_checks(cfg, probes=False)
+    items = start_checks(cfg)
     failed = [i for i in items if i.status == "fail"]
     if failed:
         more = f" (and {len(failed) - 1} more; see `migrator check`)" if len(failed) > 1 else ""
@@ -171,7 +171,7 @@ def run_job(
     ``max_delete`` caps the sources this run deletes (rclone's ``--max-delete``)."""
     console = console or Console(stderr=True)
     ctx = start_fork_server()  # already running when the CLI started it
-    start_checks(cfg, console)
+    _start_checks(cfg, console)
     res = preflight(cfg)
     planner: Planner | None = None
     try:
