@@ -95,6 +95,16 @@ def multipart_job(tmp_path: Path, s3: Any, endpoint: str, **settings: Any) -> Jo
     return job
 
 
+def start_run(job: Job) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(job.config_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: supervisor and workers get the signal
+    )
+
+
 def large(job: Job) -> list[SeedObject]:
     return [o for o in job.objects if len(o.body) > PART]
 
@@ -280,13 +290,7 @@ def test_kill_after_completion_before_the_ledger_record_converges(
     server = s3fast("-latency", "2s", "-fault-ops", "CompleteMultipartUpload")
     job = multipart_job(tmp_path, s3_client(server.endpoint), server.endpoint)
     engine = sa.create_engine(job.cfg.ledger)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(job.config_path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: supervisor and workers die together
-    )
+    proc = start_run(job)
     caught: str | None = None
     try:
         deadline = time.monotonic() + 60
@@ -315,3 +319,32 @@ def test_kill_after_completion_before_the_ledger_record_converges(
     assert_converged(job)
     assert_large_copied_in_parts(job)
     assert server.stats()["multipart_uploads"] == 0
+
+
+@pytest.mark.s3fast
+def test_ctrl_c_mid_upload_leaves_unsent_parts_unsent_and_no_upload(
+    tmp_path: Path, s3fast: Callable[..., S3Fast]
+) -> None:
+    """A stop request during a multipart copy: the part in flight finishes, the rest are not
+    sent, the upload is aborted and the row released; the next run copies it whole."""
+    server = s3fast("-latency", "1s", "-fault-ops", "UploadPartCopy")
+    job = multipart_job(
+        tmp_path, s3_client(server.endpoint), server.endpoint, workers=1, concurrency=1
+    )
+    all_parts = sum(parts(len(o.body)) for o in large(job))
+    proc = start_run(job)
+    deadline = time.monotonic() + 60
+    while server.stats()["ops"].get("UploadPartCopy", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 130, err.decode()[-2000:]
+    stats = server.stats()
+    assert 0 < stats["ops"]["UploadPartCopy"] < all_parts, stats["ops"]
+    assert stats["multipart_uploads"] == 0
+    assert ledger_rows(job.cfg)[large(job)[-1].key]["state"] == "pending"
+
+    assert run_job(job.cfg, console=quiet()) == 0
+    assert_converged(job)
+    assert_large_copied_in_parts(job)
