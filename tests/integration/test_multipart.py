@@ -33,7 +33,7 @@ from migrator.supervisor import preflight, run_job, run_plan
 from seed.__main__ import seed_app_db
 from seed.data import SeedObject
 from tests.conftest import REPO, S3Fast, s3_client
-from tests.helpers import Job, assert_converged, make_job, read
+from tests.helpers import Job, assert_converged, make_job, read, run_cli
 
 PART = 5 * MIB
 LARGE_SIZES = (6 * MIB, 11 * MIB + 3, 17 * MIB)  # 2, 3 and 4 parts
@@ -171,6 +171,8 @@ def test_large_objects_copied_in_parts_small_ones_in_one_request(
     assert stats["errors"] == {"NoSuchKey": len(LARGE_SIZES)}, stats["errors"]
     assert_converged(job)  # every body arrived, app rows rewritten, sources deleted
     assert_large_copied_in_parts(job)
+    audit = run_cli("verify", "--config", str(job.config_path))  # the recorded ETags hold
+    assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
 def test_large_objects_on_moto(tmp_path: Path, moto_s3: Any, moto_endpoint: str) -> None:
