@@ -15,6 +15,7 @@ from sqlalchemy.exc import ArgumentError
 
 from migrator.errors import ConfigError, redact
 from migrator.keys import prefixes_overlap
+from migrator.storage.multipart import MAX_PART_SIZE, MAX_SINGLE_COPY, MIB, MIN_PART_SIZE
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
 ENV_APP_DB_URL = "MIGRATOR_APP_DB_URL"
@@ -96,6 +97,30 @@ class Config(_Strict):
     # The request path for copies, deletes and listings: AWS's C runtime (about a tenth of the
     # CPU per request) or plain boto3. Both sign, retry and classify errors the same way.
     transport: Literal["crt", "boto3"] = "crt"
+    # Objects larger than this (bytes) are copied in parts with UploadPartCopy; the rest with
+    # one CopyObject each (one request per object). See docs/configuration.md for the default.
+    multipart_threshold: int = Field(strict=True, default=128 * MIB)
+    part_size: int = Field(strict=True, default=64 * MIB)
+
+    @field_validator("multipart_threshold")
+    @classmethod
+    def _threshold(cls, v: int) -> int:
+        if not MIN_PART_SIZE <= v <= MAX_SINGLE_COPY:
+            raise ValueError(
+                f"{v} must be between {MIN_PART_SIZE} (5 MiB) and {MAX_SINGLE_COPY} (5 GiB) "
+                "bytes: one CopyObject copies at most 5 GiB"
+            )
+        return v
+
+    @field_validator("part_size")
+    @classmethod
+    def _part_size(cls, v: int) -> int:
+        if not MIN_PART_SIZE <= v <= MAX_PART_SIZE:
+            raise ValueError(
+                f"{v} must be between {MIN_PART_SIZE} (5 MiB) and {MAX_PART_SIZE} (5 GiB) "
+                "bytes, S3's limits for one part"
+            )
+        return v
 
     @field_validator("job")
     @classmethod

@@ -69,9 +69,10 @@ class CopyOutcome:
     conflict_skipped: bool = False  # on_conflict: skip, and the destination holds another object
 
 
-def _outcome(
-    ctx: ChunkContext, row: ObjectRow, result: str | s3.S3OperationError | None, guarded: bool
-) -> CopyOutcome:
+CopyResult = str | s3.MultipartCopy | s3.S3OperationError | None
+
+
+def _outcome(ctx: ChunkContext, row: ObjectRow, result: CopyResult, guarded: bool) -> CopyOutcome:
     """What one copy request's result means for its row (more requests only on errors)."""
     if result is None:
         return CopyOutcome(row, not_sent=True)
@@ -82,10 +83,44 @@ def _outcome(
     return _verify(ctx, row, result)
 
 
-def _copy(ctx: ChunkContext, row: ObjectRow, *, if_absent: bool) -> str:
+def _is_large(cfg: Config, row: ObjectRow) -> bool:
+    """Copied in parts: above ``multipart_threshold`` (at most 5 GiB, CopyObject's limit)."""
+    return row.size > cfg.multipart_threshold
+
+
+def _copy(ctx: ChunkContext, row: ObjectRow, *, if_absent: bool) -> str | s3.MultipartCopy:
     src, dst = ctx.cfg.source, ctx.cfg.destination
-    return ctx.dest.copy(
-        src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag, if_absent=if_absent
+    if not _is_large(ctx.cfg, row):
+        return ctx.dest.copy(
+            src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag, if_absent=if_absent
+        )
+    result = _copy_large(ctx, row, if_absent=if_absent, stop=None)
+    if result is None:  # without a stop flag, only a lost lease leaves the upload uncompleted
+        raise s3.S3OperationError(s3.ErrorKind.RETRYABLE, "LeaseLost", "row taken over")
+    if isinstance(result, s3.S3OperationError):
+        raise result
+    return result
+
+
+def _copy_large(
+    ctx: ChunkContext, row: ObjectRow, *, if_absent: bool, stop: Any
+) -> s3.MultipartCopy | s3.S3OperationError | None:
+    """A multipart copy of the row. The ETag the object will have is recorded as the row's
+    ``dest_etag`` before the upload is completed: after a kill between completion and
+    ``record_copied``, the re-run then knows the object at the destination as this job's
+    (copied again, not a conflict). A lost lease leaves the upload uncompleted."""
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    return ctx.dest.copy_multipart(
+        src.bucket,
+        row.source_key,
+        dst.bucket,
+        row.dest_key,
+        row.etag,
+        row.size,
+        ctx.cfg.part_size,
+        if_absent=if_absent,
+        stop=stop,
+        before_complete=lambda etag: ctx.ledger.record_dest_etag(ctx.owner, row.id, etag),
     )
 
 
@@ -148,9 +183,11 @@ def _same_object(row: ObjectRow, found: s3.Head) -> bool:
     return found.size == row.size and found.etag in {row.etag, row.dest_etag}
 
 
-def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str) -> CopyOutcome:
+def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str | s3.MultipartCopy) -> CopyOutcome:
     """Single-part ETags are MD5s: equal ETags mean equal bytes and size. A multipart source's
     ETag cannot match a copy's, so its size is checked on the destination instead."""
+    if isinstance(dest_etag, s3.MultipartCopy):
+        return _verify_multipart(ctx, row, dest_etag)
     if "-" not in row.etag:
         if dest_etag != row.etag:
             return CopyOutcome(
@@ -167,19 +204,50 @@ def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str) -> CopyOutcome:
     return CopyOutcome(row, dest_etag=found.etag)
 
 
+def _verify_multipart(ctx: ChunkContext, row: ObjectRow, copied: s3.MultipartCopy) -> CopyOutcome:
+    """A copy made of parts: its ETag must be the one its parts imply (MD5 of the part MD5s,
+    ``-N``), which proves the object is exactly the parts copied, each from the planned
+    version (``CopySourceIfMatch``); and ``HeadObject`` must show that ETag and the planned
+    size, which proves the parts cover the whole source and nothing replaced the object since.
+    """
+    if copied.etag != copied.expected_etag:
+        return CopyOutcome(
+            row,
+            error=f"verify: completed ETag {copied.etag} is not the ETag of the copied parts "
+            f"({copied.expected_etag})",
+        )
+    try:
+        found = ctx.dest.head(ctx.cfg.destination.bucket, row.dest_key)
+    except s3.S3OperationError as err:
+        return CopyOutcome(row, error=f"verify: {err}")
+    if found is None or found.size != row.size or found.etag != copied.etag:
+        got = "missing" if found is None else f"{found.size} bytes, ETag {found.etag}"
+        return CopyOutcome(
+            row,
+            error=f"verify: destination is {got}, expected {row.size} bytes, ETag {copied.etag}",
+        )
+    return CopyOutcome(row, dest_etag=copied.etag)
+
+
 def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     """Copy the chunk's pending rows in parallel; return the rows now verified at the
     destination (with those that already were)."""
-    pending = [r for r in rows if r.state is State.PENDING]
     ready = [r for r in rows if r.state is State.COPIED]
+    small = [r for r in rows if r.state is State.PENDING and not _is_large(ctx.cfg, r)]
+    large = [r for r in rows if r.state is State.PENDING and _is_large(ctx.cfg, r)]
     guarded = ctx.cfg.on_conflict != "overwrite"
-    results = ctx.dest.copy_many(
-        ctx.cfg.source.bucket,
-        ctx.cfg.destination.bucket,
-        [(r.source_key, r.dest_key, r.etag) for r in pending],
-        if_absent=guarded,
-        stop=ctx.stop,
+    results: list[CopyResult] = list(
+        ctx.dest.copy_many(
+            ctx.cfg.source.bucket,
+            ctx.cfg.destination.bucket,
+            [(r.source_key, r.dest_key, r.etag) for r in small],
+            if_absent=guarded,
+            stop=ctx.stop,
+        )
     )
+    # One large object at a time, its parts in parallel (``concurrency`` at most).
+    results += [_copy_large(ctx, r, if_absent=guarded, stop=ctx.stop) for r in large]
+    pending = small + large
     outcomes = [_outcome(ctx, r, res, guarded) for r, res in zip(pending, results, strict=True)]
     copied = [o for o in outcomes if o.dest_etag is not None]
     # Without an app database there is nothing to rewrite: the copy is recorded as the

@@ -475,6 +475,19 @@ class Ledger:
                 )
         return held
 
+    def record_dest_etag(self, owner: str, row_id: int, etag: str) -> bool:
+        """The ETag a multipart copy is about to give the destination, recorded before the
+        upload is completed (see ``stages._copy_large``); False when the lease is lost."""
+        with self.engine.begin() as conn:
+            return (
+                conn.execute(
+                    objects.update()
+                    .where(O.id == row_id, O.lease_owner == owner)
+                    .values(dest_etag=etag, updated_at=utcnow())
+                ).rowcount
+                == 1
+            )
+
     def record_state(
         self, owner: str, ids: Sequence[int], state: State, *, release: bool = False
     ) -> set[int]:

@@ -7,10 +7,13 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import boto3
 import botocore.loaders
@@ -29,6 +32,7 @@ from migrator.storage.common import (
     strip_etag,
 )
 from migrator.storage.crt import CrtS3
+from migrator.storage.multipart import Part, multipart_etag, plan_parts
 
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1,000 keys
 
@@ -225,6 +229,67 @@ def copy(
     return strip_etag(resp["CopyObjectResult"]["ETag"])
 
 
+# What CreateMultipartUpload must be told to give the destination the source's headers, which
+# CopyObject's MetadataDirective=COPY carries over by itself.
+_CARRIED_HEADERS = (
+    "ContentType",
+    "CacheControl",
+    "ContentDisposition",
+    "ContentEncoding",
+    "ContentLanguage",
+    "Expires",
+    "Metadata",
+    "StorageClass",
+    "WebsiteRedirectLocation",
+)
+
+
+@dataclass(frozen=True)
+class MultipartCopy:
+    """A completed multipart copy: the ETag S3 gave the object, and the one its parts imply
+    (MD5 of the parts' MD5s, ``-N``); equal means the object is exactly those parts."""
+
+    etag: str
+    expected_etag: str
+    parts: int
+
+
+def abort_incomplete(client: Any, bucket: str, key: str) -> int:
+    """Abort every incomplete multipart upload to exactly ``key`` (a worker killed mid-copy
+    leaves one, whose parts are billed until aborted); returns how many were aborted."""
+    aborted = 0
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=key
+        ):
+            for upload in page.get("Uploads", ()):
+                if upload["Key"] == key:
+                    _abort(client, bucket, key, upload["UploadId"])
+                    aborted += 1
+    except (ClientError, BotoCoreError) as exc:
+        raise classify(exc) from None
+    return aborted
+
+
+def _abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    except ClientError as exc:
+        if error_code(exc) != "NoSuchUpload":  # already aborted or completed: nothing left
+            raise
+
+
+def _carried_headers(client: Any, bucket: str, key: str, if_match: str) -> dict[str, Any]:
+    """The planned source version's headers (and tags) as CreateMultipartUpload arguments.
+    ``IfMatch`` makes a source that changed since plan fail here (412) before any part."""
+    resp = client.head_object(Bucket=bucket, Key=key, IfMatch=f'"{if_match}"')
+    args = {name: resp[name] for name in _CARRIED_HEADERS if resp.get(name)}
+    if resp.get("TagCount"):
+        tags = client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+        args["Tagging"] = urlencode([(t["Key"], t["Value"]) for t in tags])
+    return args
+
+
 def delete(client: Any, bucket: str, keys: list[str]) -> dict[str, str]:
     """``DeleteObjects`` for ≤ 1,000 keys; returns ``{key: error}`` for keys S3 did not delete.
 
@@ -255,6 +320,7 @@ class S3Service:
         self.fast = fast
         self.threads = threads
         self._pool: ThreadPoolExecutor | None = None
+        self._part_pool: ThreadPoolExecutor | None = None
 
     def list_pages(self, bucket: str, prefix: str) -> Iterator[list[ListedObject]]:
         """Pages of the listing; a request that still fails after its retries ends it with a
@@ -331,6 +397,129 @@ class S3Service:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3")
         return list(self._pool.map(one, items))
 
+    def copy_multipart(
+        self,
+        src_bucket: str,
+        src_key: str,
+        dst_bucket: str,
+        dst_key: str,
+        if_match: str,
+        size: int,
+        part_size: int,
+        *,
+        if_absent: bool,
+        stop: Any = None,
+        before_complete: Callable[[str], bool] | None = None,
+    ) -> MultipartCopy | S3OperationError | None:
+        """Server-side copy in parts of exactly the planned version: the completed copy, the
+        error, or None when ``stop`` was set before every part was sent (or
+        ``before_complete``, told the ETag the object will have, answered False).
+
+        Incomplete uploads to ``dst_key`` (left by a killed worker) are aborted first; every
+        ``UploadPartCopy`` carries ``CopySourceIfMatch`` (a changed source fails with 412, as a
+        single copy does). With ``if_absent`` a destination that exists is refused (412)
+        before any part is copied, and ``CompleteMultipartUpload`` carries
+        ``If-None-Match: *`` for one created meanwhile. Any failure aborts this upload, so no
+        parts are left behind. Parts go out in parallel, at most ``threads`` at a time,
+        through boto3 (these calls are few and big; botocore retries each one).
+        """
+        if stop is not None and stop.is_set():
+            return None
+        upload_id: str | None = None
+        try:
+            if if_absent and head(self.boto, dst_bucket, dst_key) is not None:
+                return S3OperationError(
+                    ErrorKind.SOURCE_CHANGED,  # what a 412 is classified as; the caller looks
+                    "PreconditionFailed",
+                    "the destination key already holds an object",
+                )
+            abort_incomplete(self.boto, dst_bucket, dst_key)
+            carried = _carried_headers(self.boto, src_bucket, src_key, if_match)
+            upload_id = self.boto.create_multipart_upload(
+                Bucket=dst_bucket, Key=dst_key, **carried
+            )["UploadId"]
+            source = {"Bucket": src_bucket, "Key": src_key}
+            parts = plan_parts(size, part_size)
+            etags = self._copy_parts(dst_bucket, dst_key, upload_id, source, if_match, parts, stop)
+            expected = multipart_etag(etags) if etags is not None else ""
+            if etags is None or (before_complete is not None and not before_complete(expected)):
+                _abort(self.boto, dst_bucket, dst_key, upload_id)
+                return None
+            extra = {"IfNoneMatch": "*"} if if_absent else {}
+            resp = self.boto.complete_multipart_upload(
+                Bucket=dst_bucket,
+                Key=dst_key,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [
+                        {"ETag": e, "PartNumber": p.number}
+                        for p, e in zip(parts, etags, strict=True)
+                    ]
+                },
+                MpuObjectSize=size,  # S3 refuses to complete an object of any other size
+                **extra,
+            )
+        except (ClientError, BotoCoreError, S3OperationError) as exc:
+            err = exc if isinstance(exc, S3OperationError) else classify(exc)
+            if upload_id is not None:
+                self._abort_quietly(dst_bucket, dst_key, upload_id)
+            return err
+        except BaseException:  # e.g. the ledger failed in before_complete: no parts left behind
+            if upload_id is not None:
+                self._abort_quietly(dst_bucket, dst_key, upload_id)
+            raise
+        return MultipartCopy(strip_etag(resp["ETag"]), expected, len(parts))
+
+    def _copy_parts(
+        self,
+        dst_bucket: str,
+        dst_key: str,
+        upload_id: str,
+        source: dict[str, str],
+        if_match: str,
+        parts: list[Part],
+        stop: Any,
+    ) -> list[str] | None:
+        """``UploadPartCopy`` for every part, in parallel; the part ETags in order, or None
+        when a stop request left parts unsent. The first failure stops further sends and is
+        raised (a changed source first: that decides what happens to the row)."""
+        failed = threading.Event()
+
+        def one(part: Part) -> str | S3OperationError | None:
+            if failed.is_set() or (stop is not None and stop.is_set()):
+                return None
+            try:
+                resp = self.boto.upload_part_copy(
+                    Bucket=dst_bucket,
+                    Key=dst_key,
+                    UploadId=upload_id,
+                    PartNumber=part.number,
+                    CopySource=source,
+                    CopySourceIfMatch=f'"{if_match}"',
+                    CopySourceRange=part.range,
+                )
+            except (ClientError, BotoCoreError) as exc:
+                failed.set()
+                return classify(exc)
+            return strip_etag(resp["CopyPartResult"]["ETag"])
+
+        if self._part_pool is None:
+            self._part_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3-part")
+        results = list(self._part_pool.map(one, parts))
+        errors = [r for r in results if isinstance(r, S3OperationError)]
+        if errors:
+            changed = [e for e in errors if e.kind is ErrorKind.SOURCE_CHANGED]
+            raise (changed or errors)[0]
+        if any(r is None for r in results):
+            return None
+        return [r for r in results if isinstance(r, str)]
+
+    def _abort_quietly(self, bucket: str, key: str, upload_id: str) -> None:
+        """Abort after a failure; if the abort fails too, the next attempt's
+        :func:`abort_incomplete` (or the bucket's lifecycle rule) removes the upload."""
+        with contextlib.suppress(ClientError, BotoCoreError):
+            _abort(self.boto, bucket, key, upload_id)
+
     def delete(self, bucket: str, keys: list[str]) -> dict[str, str]:
         if len(keys) > DELETE_BATCH:
             raise ValueError(f"at most {DELETE_BATCH} keys per DeleteObjects request")
@@ -339,8 +528,9 @@ class S3Service:
         return delete(self.boto, bucket, keys)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
+        for pool in (self._pool, self._part_pool):
+            if pool is not None:
+                pool.shutdown()
         if self.fast is not None:
             self.fast.close()
 

@@ -129,6 +129,14 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
     ("invalid-config", _set(None, workers=0), ("workers", "greater than or equal to 1")),
     ("unknown-key", _set(None, worker=2), ("did you mean 'workers'",)),
     ("bad-delete-policy", _set(None, delete_source="sometimes"), ("delete_source",)),
+    ("part-size-below-5-mib", _set(None, part_size=1024 * 1024), ("part_size", "5 MiB")),
+    ("part-size-above-5-gib", _set(None, part_size=6 * 1024**3), ("part_size", "5 GiB")),
+    ("part-size-not-bytes", _set(None, part_size="64MB"), ("part_size", "integer")),
+    (
+        "threshold-above-5-gib",
+        _set(None, multipart_threshold=5 * 1024**3 + 1),
+        ("multipart_threshold", "one CopyObject copies at most 5 GiB"),
+    ),
     ("destination-inside-source", _dest_inside_source, ("overlaps source prefix",)),
     ("source-inside-destination", _source_inside_dest, ("overlaps source prefix",)),
     (
