@@ -127,6 +127,7 @@ def run_plan(
         f"{totals.reset:,} changed, {totals.unchanged:,} unchanged"
         + "".join(f", {e}" for e in extra),
         highlight=False,
+        soft_wrap=True,
     )
     return totals
 

@@ -53,9 +53,11 @@ def make_job(
     count: int = 20,
     size: int = 256,
     keys: Sequence[str] | None = None,
+    key_rule: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Job:
-    """Buckets with ``count`` seeded objects (or the given keys) and the app table."""
+    """Buckets with ``count`` seeded objects (or the given keys) and the app table;
+    ``key_rule`` is the config's ``keys:`` section."""
     data: dict[str, Any] = {
         "job": unique("job"),
         "ledger": ledger,
@@ -72,6 +74,8 @@ def make_job(
     }
     if app is not None:
         data["app_db"] = {"url": app, "table": "avatars", "column": "path"}
+    if key_rule is not None:
+        data["keys"] = key_rule
     data.update(settings)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path / "config.yaml", data)

@@ -286,9 +286,10 @@ class Ledger:
         the lease is cleared, ``dest_etag`` kept). A fresh job costs one statement per page.
 
         On a re-plan (``replan``: the job had rows before this plan), rows still ``pending``
-        follow the current key rule: a new destination key replaces the planned one, and the
-        rows of ``dropped`` keys (listed, but no longer selected by the rule) leave the job.
-        Rows past ``pending`` keep their destination: it holds their verified copy.
+        follow the current key rule: one whose destination key changed is planned afresh with
+        the new key (deleted, then inserted: its attempts and last error go), and the rows of
+        ``dropped`` keys (listed, but no longer selected by the rule) leave the job. Rows past
+        ``pending`` keep their destination: it holds their verified copy.
 
         A destination key that another source of the job already has violates the unique
         index on ``(job, dest_key)``; the page is rolled back and a ``ConfigError`` names
@@ -316,7 +317,8 @@ class Ledger:
                 if attempt == _PLAN_TRIES - 1:
                     raise
                 continue
-            return PlanResult(added, reset, len(page) - added - reset, remapped, gone)
+            unchanged = len(page) - added - remapped - reset
+            return PlanResult(added, reset, unchanged, remapped, gone)
         raise AssertionError("unreachable")
 
     def _dest_clash(self, page: Sequence[Planned]) -> str | None:
@@ -826,12 +828,13 @@ WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.st
 """
 )
 
+# A pending row whose destination key changed is deleted here and inserted again by the
+# page's insert: all keys given up are free before any is taken, whatever the row order (an
+# UPDATE checks the unique index row by row, so a chain b→x, c→b would fail or not by order).
 _PLAN_REMAP_POSTGRES = sa.text(
     """
-UPDATE migrator_objects AS o
-SET dest_key = v.dest_key, dest_etag = NULL, lease_owner = NULL, lease_expires = NULL,
-    updated_at = :now
-FROM unnest(CAST(:keys AS text[]), CAST(:dests AS text[])) AS v(source_key, dest_key)
+DELETE FROM migrator_objects AS o
+USING unnest(CAST(:keys AS text[]), CAST(:dests AS text[])) AS v(source_key, dest_key)
 WHERE o.job = :job AND o.source_key = v.source_key AND o.dest_key <> v.dest_key
   AND o.state = :pending
 """
@@ -893,11 +896,11 @@ def _upsert_page_postgres(
     remapped = 0
     if replan:
         remapped = conn.execute(_PLAN_REMAP_POSTGRES, {**params, "dests": dests}).rowcount
-    added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": dests})
-    if added.rowcount == len(page):
-        return added.rowcount, 0, remapped, gone
+    added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": dests}).rowcount
+    if added == len(page):
+        return added - remapped, 0, remapped, gone
     reset = conn.execute(_PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value})
-    return added.rowcount, reset.rowcount, remapped, gone
+    return added - remapped, reset.rowcount, remapped, gone
 
 
 _PLAN_INSERT_SQLITE = (
@@ -912,9 +915,8 @@ _PLAN_RESET_SQLITE = (
     "WHERE job = ? AND source_key = ? AND etag <> ? AND state <> 'done'"
 )
 
-_PLAN_REMAP_SQLITE = (
-    "UPDATE migrator_objects SET dest_key = ?, dest_etag = NULL, lease_owner = NULL, "
-    "lease_expires = NULL, updated_at = ? "
+_PLAN_REMAP_SQLITE = (  # see _PLAN_REMAP_POSTGRES
+    "DELETE FROM migrator_objects "
     "WHERE job = ? AND source_key = ? AND dest_key <> ? AND state = 'pending'"
 )
 _PLAN_DROP_SQLITE = (
@@ -945,7 +947,7 @@ def _upsert_page_sqlite(
     remapped = 0
     if replan:
         remapped = conn.exec_driver_sql(
-            _PLAN_REMAP_SQLITE, [(p.dest_key, at, job, p.source_key, p.dest_key) for p in page]
+            _PLAN_REMAP_SQLITE, [(job, p.source_key, p.dest_key) for p in page]
         ).rowcount
     added = conn.exec_driver_sql(
         _PLAN_INSERT_SQLITE,
@@ -955,7 +957,7 @@ def _upsert_page_sqlite(
         ],
     ).rowcount
     if added == len(page):
-        return added, 0, remapped, gone
+        return added - remapped, 0, remapped, gone
     reset = conn.exec_driver_sql(
         _PLAN_RESET_SQLITE,
         [
@@ -963,7 +965,7 @@ def _upsert_page_sqlite(
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount
-    return added, reset, remapped, gone
+    return added - remapped, reset, remapped, gone
 
 
 def _now_seconds(engine: Engine) -> sa.ColumnElement[Any]:
