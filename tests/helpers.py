@@ -16,7 +16,6 @@ import sqlalchemy as sa
 import yaml
 
 from migrator.config import Config, load_config
-from migrator.keys import map_key
 from seed.__main__ import app_rows, create_bucket, seed_app_db, upload
 from seed.data import SeedObject, seed_object
 from tests.conftest import REPO, unique
@@ -35,7 +34,9 @@ class Job:
         return {o.key: o.body for o in self.objects}
 
     def dest_key(self, key: str) -> str:
-        return map_key(key, self.cfg.source.prefix, self.cfg.destination.prefix)
+        dest = self.cfg.key_rule.map(key)
+        assert isinstance(dest, str), f"{key!r} is not selected by the job's key rule"
+        return dest
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

@@ -73,6 +73,9 @@ def test_regex_rule_moves_exactly_the_selected_objects(
     assert paths[: len(KEYS)] == [KEYS[o.key] or o.key for o in job.objects]
     assert paths[len(KEYS) :] == expected_untouched(job)
 
+    # The independent audit agrees: the sources left are not the job's.
+    verify = run_cli("verify", "--config", str(job.config_path))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     # A re-plan lists the four sources left and plans none of them again.
     plan = run_cli("plan", "--config", str(job.config_path))
     assert plan.returncode == 0, plan.stderr
