@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrator.config import Config
 from migrator.errors import ConfigError
 from migrator.keys import KeyRule, KeyRuleError, Skip
 from migrator.ledger.repo import Ledger, Planned, collision_message
+
+if TYPE_CHECKING:
+    from migrator.storage.common import ListedObject
 
 
 @dataclass
@@ -20,12 +23,14 @@ class PlanTotals:
     unchanged: int = 0
     excluded: int = 0  # listed, left out by keys.include / keys.exclude
     not_matched: int = 0  # listed, not matched by keys.pattern
-    remapped: int = 0  # pending rows given a new destination key (the rule changed)
-    dropped: int = 0  # pending rows removed from the job (the rule no longer selects them)
+    remapped: int = 0  # never-copied rows given a new destination key (the rule changed)
+    dropped: int = 0  # never-copied rows removed from the job (the rule no longer selects them)
     complete: bool = False  # the whole listing is in the ledger (False: stopped early)
 
 
-def plan_page(rule: KeyRule, page: Any, totals: PlanTotals) -> tuple[list[Planned], list[str]]:
+def plan_page(
+    rule: KeyRule, page: Sequence[ListedObject], totals: PlanTotals
+) -> tuple[list[Planned], list[str]]:
     """The page's selected objects with their destination keys, and the keys left out.
 
     Raises ConfigError for a key the rule cannot map or two keys of the page mapped to one
@@ -66,7 +71,7 @@ def plan_job(
     Keys are selected and mapped by ``cfg.key_rule``. A key the rule cannot map, or a
     destination key that two sources would share, stops the plan with a ConfigError; the
     pages before it stay in the ledger, and a re-plan with a corrected rule gives their rows
-    (while still pending) the new destination keys or drops them."""
+    (those never copied) the new destination keys or drops them."""
     src = cfg.source
     rule = cfg.key_rule
     ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])

@@ -66,8 +66,8 @@ class PlanResult:
     added: int
     reset: int
     unchanged: int
-    remapped: int = 0  # pending rows given a new destination key by a changed rule
-    dropped: int = 0  # pending rows removed: the rule no longer selects their key
+    remapped: int = 0  # never-copied rows given a new destination key by a changed rule
+    dropped: int = 0  # never-copied rows removed: the rule no longer selects their key
 
 
 _PLAN_TRIES = 3
@@ -277,7 +277,7 @@ class Ledger:
 
     # -- plan -----------------------------------------------------------------------------
     def upsert_page(
-        self, page: Sequence[Planned], dropped: Sequence[str] = (), *, replan: bool = True
+        self, page: Sequence[Planned], dropped: Sequence[str] = (), *, replan: bool = False
     ) -> PlanResult:
         """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
 
@@ -285,11 +285,12 @@ class Ledger:
         then — only when some were — an update of the rows whose ETag changed (unless done;
         the lease is cleared, ``dest_etag`` kept). A fresh job costs one statement per page.
 
-        On a re-plan (``replan``: the job had rows before this plan), rows still ``pending``
-        follow the current key rule: one whose destination key changed is planned afresh with
-        the new key (deleted, then inserted: its attempts and last error go), and the rows of
-        ``dropped`` keys (listed, but no longer selected by the rule) leave the job. Rows past
-        ``pending`` keep their destination: it holds their verified copy.
+        On a re-plan (``replan``: the job had rows before this plan), rows never copied
+        (``pending`` with no ``dest_etag``) follow the current key rule: one whose destination
+        key changed is planned afresh with the new key (deleted, then inserted: its attempts
+        and last error go), and the rows of ``dropped`` keys (listed, but no longer selected by
+        the rule) leave the job. Any other row keeps its destination key: a verified copy is
+        or was there, and app rows may already point at it.
 
         A destination key that another source of the job already has violates the unique
         index on ``(job, dest_key)``; the page is rolled back and a ``ConfigError`` names
@@ -836,7 +837,7 @@ _PLAN_REMAP_POSTGRES = sa.text(
 DELETE FROM migrator_objects AS o
 USING unnest(CAST(:keys AS text[]), CAST(:dests AS text[])) AS v(source_key, dest_key)
 WHERE o.job = :job AND o.source_key = v.source_key AND o.dest_key <> v.dest_key
-  AND o.state = :pending
+  AND o.state = :pending AND o.dest_etag IS NULL
 """
 )
 
@@ -844,6 +845,7 @@ _PLAN_DROP_POSTGRES = sa.text(
     """
 DELETE FROM migrator_objects
 WHERE job = :job AND source_key = ANY(CAST(:keys AS text[])) AND state = :pending
+  AND dest_etag IS NULL
 """
 )
 
@@ -917,10 +919,12 @@ _PLAN_RESET_SQLITE = (
 
 _PLAN_REMAP_SQLITE = (  # see _PLAN_REMAP_POSTGRES
     "DELETE FROM migrator_objects "
-    "WHERE job = ? AND source_key = ? AND dest_key <> ? AND state = 'pending'"
+    "WHERE job = ? AND source_key = ? AND dest_key <> ? AND state = 'pending' "
+    "AND dest_etag IS NULL"
 )
 _PLAN_DROP_SQLITE = (
-    "DELETE FROM migrator_objects WHERE job = ? AND source_key = ? AND state = 'pending'"
+    "DELETE FROM migrator_objects WHERE job = ? AND source_key = ? AND state = 'pending' "
+    "AND dest_etag IS NULL"
 )
 
 

@@ -132,33 +132,42 @@ def test_collision_across_pages_names_both_keys_and_writes_nothing(ledger: Ledge
     assert other.upsert_page(second, replan=False).added == 2
 
 
-def test_replan_remaps_and_drops_pending_rows_only(ledger: Ledger) -> None:
-    old = rows([(f"image/{c}/1.png", f"avatar/1-{c}.png") for c in "abcd"])
+def test_replan_remaps_and_drops_never_copied_rows_only(ledger: Ledger) -> None:
+    old = rows([(f"image/{c}/1.png", f"avatar/1-{c}.png") for c in "abcdef"])
     ledger.upsert_page(old, replan=False)
-    [copied] = ledger.claim("w", [State.PENDING], 1, 60)
-    assert copied.source_key == "image/a/1.png"
-    assert ledger.record_copied("w", [(copied.id, copied.etag)], release=True) == {copied.id}
-    # The fixed rule: image/<c>/1.png -> avatar/<c>/1.png; image/d is no longer selected.
-    new = rows([(f"image/{c}/1.png", f"avatar/{c}/1.png") for c in "abc"])
-    res = ledger.upsert_page(new, ["image/d/1.png"], replan=True)
+    copied = ledger.claim("w", [State.PENDING], 3, 60)  # image/a, image/b, image/c
+    done = ledger.record_copied("w", [(r.id, r.etag) for r in copied], release=True)
+    assert len(done) == 3
+    # image/b and image/c change at the source: back to pending, their dest_etag kept.
+    changed = [
+        Planned(p.source_key, p.dest_key, p.size, "changed", p.last_modified) for p in old[1:3]
+    ]
+    assert ledger.upsert_page(changed).reset == 2
+    # The fixed rule: image/<c>/1.png -> avatar/<c>/1.png; image/c and image/f are no longer
+    # selected.
+    new = rows([(f"image/{c}/1.png", f"avatar/{c}/1.png") for c in "abde"])
+    res = ledger.upsert_page(new, ["image/c/1.png", "image/f/1.png"], replan=True)
     assert (res.added, res.remapped, res.dropped) == (0, 2, 1)
     assert dests(ledger) == {
-        "image/a/1.png": ("avatar/1-a.png", "copied"),  # past pending: keeps its copy's key
-        "image/b/1.png": ("avatar/b/1.png", "pending"),
-        "image/c/1.png": ("avatar/c/1.png", "pending"),
+        # a verified copy was recorded: the key stays, whatever the rule says now
+        "image/a/1.png": ("avatar/1-a.png", "copied"),
+        "image/b/1.png": ("avatar/1-b.png", "pending"),
+        "image/c/1.png": ("avatar/1-c.png", "pending"),
+        # never copied: the current rule decides
+        "image/d/1.png": ("avatar/d/1.png", "pending"),
+        "image/e/1.png": ("avatar/e/1.png", "pending"),
     }
-    assert ledger.counts()["pending"] == 2 and ledger.counts()["copied"] == 1
-    # Pending rows may take keys other pending rows give up in the same page, in any order.
+    assert ledger.counts()["pending"] == 4 and ledger.counts()["copied"] == 1
+    # Never-copied rows may take keys others give up in the same page, in any row order.
     for chain in (
-        [("image/b/1.png", "avatar/x.png"), ("image/c/1.png", "avatar/b/1.png")],
-        [("image/b/1.png", "avatar/b/1.png"), ("image/c/1.png", "avatar/x.png")],  # a swap
+        [("image/d/1.png", "avatar/x.png"), ("image/e/1.png", "avatar/d/1.png")],
+        [("image/d/1.png", "avatar/d/1.png"), ("image/e/1.png", "avatar/x.png")],  # a swap
     ):
         assert ledger.upsert_page(rows(chain), replan=True).remapped == 2
-        assert {k: d for k, (d, _) in dests(ledger).items() if k != "image/a/1.png"} == dict(chain)
-    assert ledger.counts()["pending"] == 2 and ledger.counts()["copied"] == 1
-    # But not one a row past pending holds.
-    with pytest.raises(
-        ConfigError, match=re.escape("'image/a/1.png' and 'image/b/1.png' both map")
-    ):
-        ledger.upsert_page(rows([("image/b/1.png", "avatar/1-a.png")]), replan=True)
-    assert dests(ledger)["image/b/1.png"] == ("avatar/b/1.png", "pending")
+        assert {k: dests(ledger)[k][0] for k, _ in chain} == dict(chain)
+    assert ledger.counts()["pending"] == 4 and ledger.counts()["copied"] == 1
+    # But not a key that a copied row holds.
+    clash = re.escape("'image/a/1.png' and 'image/d/1.png' both map to 'avatar/1-a.png'")
+    with pytest.raises(ConfigError, match=clash):
+        ledger.upsert_page(rows([("image/d/1.png", "avatar/1-a.png")]), replan=True)
+    assert dests(ledger)["image/d/1.png"] == ("avatar/d/1.png", "pending")
