@@ -84,7 +84,7 @@ class Keys(_Strict):
     """Which source keys the job moves and where each one goes (``docs/configuration.md``).
 
     Checked here, at load: the pattern compiles, the replacement names only groups the
-    pattern has, the globs are non-empty. What can only be judged key by key (a collision,
+    pattern has, the globs are valid. What can only be judged key by key (a collision,
     a key outside the destination prefix or too long) is refused by ``migrator plan``.
     """
 
@@ -109,7 +109,10 @@ class Keys(_Strict):
         for glob in v:
             if not glob:
                 raise ValueError("an empty glob matches no key; remove it")
-            glob_to_regex(glob)
+            try:
+                re.compile(glob_to_regex(glob))
+            except re.error as exc:  # e.g. a reversed range: [z-a]
+                raise ValueError(f"{_short(glob)} is not a valid glob: {exc.msg}") from None
         return v
 
     @model_validator(mode="after")

@@ -254,6 +254,7 @@ def test_keys_section_builds_the_rule(tmp_path: Path) -> None:
             "keys.replace 'photo/\\\\1' does not start with destination.prefix 'avatar/'",
         ),
         ({"include": [""]}, "keys.include: an empty glob matches no key"),
+        ({"exclude": ["image/[z-a]"]}, "keys.exclude: 'image/[z-a]' is not a valid glob: bad"),
         ({"exclude": "**/tmp/*"}, "keys.exclude: Input should be a valid tuple"),
         ({"patern": "x"}, "keys.patern: unknown key (did you mean 'pattern'?)"),
     ],
