@@ -281,9 +281,10 @@ class Ledger:
     ) -> PlanResult:
         """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
 
-        One transaction and at most two statements: an insert that skips keys already there,
-        then — only when some were — an update of the rows whose ETag changed (unless done;
-        the lease is cleared, ``dest_etag`` kept). A fresh job costs one statement per page.
+        One transaction: an insert that skips keys already there, then — only when some
+        were — an update of the rows whose ETag changed (unless done; the lease is cleared,
+        ``dest_etag`` kept). A fresh job costs one statement per page; a re-plan up to two
+        more (below).
 
         On a re-plan (``replan``: the job had rows before this plan), rows never copied
         (``pending`` with no ``dest_etag``) follow the current key rule: one whose destination
@@ -829,7 +830,7 @@ WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.st
 """
 )
 
-# A pending row whose destination key changed is deleted here and inserted again by the
+# A never-copied row whose destination key changed is deleted here and inserted again by the
 # page's insert: all keys given up are free before any is taken, whatever the row order (an
 # UPDATE checks the unique index row by row, so a chain b→x, c→b would fail or not by order).
 _PLAN_REMAP_POSTGRES = sa.text(
