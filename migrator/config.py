@@ -14,7 +14,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from migrator.errors import ConfigError, redact
-from migrator.keys import prefixes_overlap
+from migrator.keys import KeyRule, glob_to_regex, prefixes_overlap
 from migrator.storage.multipart import MAX_PART_SIZE, MAX_SINGLE_COPY, MIB, MIN_PART_SIZE
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
@@ -81,6 +81,60 @@ class AppDB(_Strict):
         return v
 
 
+class Keys(_Strict):
+    """Which source keys the job moves and where each one goes (``docs/configuration.md``).
+
+    Checked here, at load: the pattern compiles, the replacement names only groups the
+    pattern has, the globs are valid. What can only be judged key by key (a collision,
+    a key outside the destination prefix or too long) is refused by ``migrator plan``.
+    """
+
+    pattern: str | None = Field(default=None, min_length=1)
+    replace: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"{_short(v)} is not a Python regular expression: {exc}") from None
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for glob in v:
+            if not glob:
+                raise ValueError("an empty glob matches no key; remove it")
+            try:
+                re.compile(glob_to_regex(glob))
+            except re.error as exc:  # e.g. a reversed range: [z-a]
+                raise ValueError(f"{_short(glob)} is not a valid glob: {exc.msg}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _replace(self) -> Keys:
+        if (self.pattern is None) != (self.replace is None):
+            raise ValueError(
+                "pattern and replace go together: give both (a regex rewrite) or neither "
+                "(the prefix rewrite)"
+            )
+        if self.pattern is not None and self.replace is not None:
+            try:
+                # ``sub`` parses the template (and refuses unknown groups) even on no match.
+                re.compile(self.pattern).sub(self.replace, "")
+            except (re.error, IndexError) as exc:
+                raise ValueError(
+                    f"replace {_short(self.replace)} does not fit pattern: {exc}; refer to "
+                    r"the pattern's groups as \1 or \g<name>"
+                ) from None
+        return self
+
+
 class Config(_Strict):
     job: str
     ledger: str = "sqlite:///migrator.db"
@@ -122,6 +176,8 @@ class Config(_Strict):
             )
         return v
 
+    keys: Keys = Keys()
+
     @field_validator("job")
     @classmethod
     def _job(cls, v: str) -> str:
@@ -148,6 +204,33 @@ class Config(_Strict):
                 "where neither contains the other"
             )
         return self
+
+    @model_validator(mode="after")
+    def _replace_under_destination(self) -> Config:
+        """The literal start of ``keys.replace`` (before its first group or escape) must
+        agree with the destination prefix; a mismatch is caught here rather than at plan."""
+        if self.keys.replace is None:
+            return self
+        head = self.keys.replace.split("\\", 1)[0]
+        dest = self.destination.prefix
+        if not (head.startswith(dest) or dest.startswith(head)):
+            raise ValueError(
+                f"keys.replace {_short(self.keys.replace)} does not start with "
+                f"destination.prefix {dest!r}; every destination key must be under it"
+            )
+        return self
+
+    @property
+    def key_rule(self) -> KeyRule:
+        """The job's key selection and mapping (``migrator.keys.KeyRule``)."""
+        return KeyRule(
+            self.source.prefix,
+            self.destination.prefix,
+            self.keys.pattern,
+            self.keys.replace,
+            self.keys.include,
+            self.keys.exclude,
+        )
 
     @property
     def ledger_url(self) -> URL:

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from migrator.appdb import AppDatabase
 from migrator.config import Config
-from migrator.errors import LedgerError
-from migrator.keys import map_key
+from migrator.errors import ConfigError, LedgerError
+from migrator.keys import KeyRuleError, Skip
 from migrator.ledger.repo import Ledger, open_existing_ledger
 from migrator.ledger.tables import State
 from migrator.storage import s3
@@ -28,6 +28,8 @@ _NEEDS_REWRITE = _NEEDS_COPY | {State.COPIED.value}
 @dataclass
 class Preview:
     listed: int = 0
+    excluded: int = 0  # left out by keys.include / keys.exclude
+    not_matched: int = 0  # not matched by keys.pattern
     copy: int = 0
     copy_bytes: int = 0
     rewrite_keys: int = 0
@@ -39,19 +41,30 @@ class Preview:
 def preview(
     cfg: Config, client: s3.S3Service, appdb: AppDatabase | None, ledger: Ledger | None
 ) -> Preview:
-    src, dst = cfg.source, cfg.destination
+    """Counts and examples over the listing, with the keys selected and mapped as ``plan``
+    would (a rule that ``plan`` refuses key by key is refused here too; collisions across
+    pages are not looked for: that needs the ledger's index)."""
+    rule = cfg.key_rule
     p = Preview()
-    for page in client.list_pages(src.bucket, src.prefix):
+    for page in client.list_pages(cfg.source.bucket, cfg.source.prefix):
         states = ledger.states_of([o.key for o in page]) if ledger is not None else {}
         rewrite: list[str] = []
         for o in page:
-            state = states.get(o.key)
             p.listed += 1
+            try:
+                dest = rule.map(o.key)
+            except KeyRuleError as exc:
+                raise ConfigError(str(exc)) from None
+            if isinstance(dest, Skip):
+                p.excluded += dest is Skip.EXCLUDED
+                p.not_matched += dest is Skip.NOT_MATCHED
+                continue
+            state = states.get(o.key)
             if state in _NEEDS_COPY:
                 p.copy += 1
                 p.copy_bytes += o.size
                 if len(p.examples) < EXAMPLES:
-                    p.examples.append((o.key, map_key(o.key, src.prefix, dst.prefix)))
+                    p.examples.append((o.key, dest))
             if state in _NEEDS_REWRITE:
                 rewrite.append(o.key)
             if (
@@ -83,6 +96,12 @@ def dry_run(cfg: Config, out: Console) -> Preview:
     dst = f"s3://{cfg.destination.bucket}/{cfg.destination.prefix}"
     out.print(f"dry run of job {cfg.job}: nothing is copied, rewritten or deleted", highlight=False)
     out.print(f"  listed         {p.listed:,} objects under {src}", highlight=False)
+    if p.excluded or p.not_matched:
+        out.print(
+            f"  would skip     {p.excluded:,} excluded, {p.not_matched:,} not matched "
+            "(keys: include, exclude, pattern)",
+            highlight=False,
+        )
     out.print(
         f"  would copy     {p.copy:,} objects ({p.copy_bytes:,} bytes) to {dst}", highlight=False
     )

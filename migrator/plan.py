@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migrator.config import Config
-from migrator.keys import map_key
-from migrator.ledger.repo import Ledger, Planned
+from migrator.errors import ConfigError
+from migrator.keys import KeyRule, KeyRuleError, Skip
+from migrator.ledger.repo import Ledger, Planned, collision_message
+
+if TYPE_CHECKING:
+    from migrator.storage.common import ListedObject
 
 
 @dataclass
@@ -17,7 +21,40 @@ class PlanTotals:
     added: int = 0
     reset: int = 0
     unchanged: int = 0
+    excluded: int = 0  # listed, left out by keys.include / keys.exclude
+    not_matched: int = 0  # listed, not matched by keys.pattern
+    remapped: int = 0  # never-copied rows given a new destination key (the rule changed)
+    dropped: int = 0  # never-copied rows removed from the job (the rule no longer selects them)
     complete: bool = False  # the whole listing is in the ledger (False: stopped early)
+
+
+def plan_page(
+    rule: KeyRule, page: Sequence[ListedObject], totals: PlanTotals
+) -> tuple[list[Planned], list[str]]:
+    """The page's selected objects with their destination keys, and the keys left out.
+
+    Raises ConfigError for a key the rule cannot map or two keys of the page mapped to one
+    destination (collisions with earlier pages are the ledger's unique index's to find)."""
+    planned: list[Planned] = []
+    left_out: list[str] = []
+    owner: dict[str, str] = {}
+    for o in page:
+        try:
+            dest = rule.map(o.key)
+        except KeyRuleError as exc:
+            raise ConfigError(str(exc)) from None
+        if isinstance(dest, Skip):
+            if dest is Skip.EXCLUDED:
+                totals.excluded += 1
+            else:
+                totals.not_matched += 1
+            left_out.append(o.key)
+            continue
+        first = owner.setdefault(dest, o.key)
+        if first != o.key:
+            raise ConfigError(collision_message(first, o.key, dest))
+        planned.append(Planned(o.key, dest, o.size, o.etag, o.last_modified))
+    return planned, left_out
 
 
 def plan_job(
@@ -29,29 +66,28 @@ def plan_job(
 ) -> PlanTotals:
     """Stream ``ListObjectsV2`` into the ledger; idempotent and delta-aware. Memory stays
     constant: one page is held at a time. ``stop`` is asked before each page; a plan stopped
-    early leaves the job unplanned, and the next one lists it again from the start."""
-    src, dst = cfg.source, cfg.destination
+    early leaves the job unplanned, and the next one lists it again from the start.
+
+    Keys are selected and mapped by ``cfg.key_rule``. A key the rule cannot map, or a
+    destination key that two sources would share, stops the plan with a ConfigError; the
+    pages before it stay in the ledger, and a re-plan with a corrected rule gives their rows
+    (those never copied) the new destination keys or drops them."""
+    src = cfg.source
+    rule = cfg.key_rule
     ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
+    replan = ledger.has_rows()
     totals = PlanTotals()
     for page in source_client.list_pages(src.bucket, src.prefix):
         if stop is not None and stop():
             return totals
-        result = ledger.upsert_page(
-            [
-                Planned(
-                    source_key=o.key,
-                    dest_key=map_key(o.key, src.prefix, dst.prefix),
-                    size=o.size,
-                    etag=o.etag,
-                    last_modified=o.last_modified,
-                )
-                for o in page
-            ]
-        )
+        planned, left_out = plan_page(rule, page, totals)
+        result = ledger.upsert_page(planned, left_out, replan=replan)
         totals.listed += len(page)
         totals.added += result.added
         totals.reset += result.reset
         totals.unchanged += result.unchanged
+        totals.remapped += result.remapped
+        totals.dropped += result.dropped
         if on_page is not None:
             on_page(totals)
     ledger.mark_planned()

@@ -113,10 +113,22 @@ def run_plan(
     if not totals.complete:
         console.print(f"planning stopped after {totals.listed:,} objects", highlight=False)
         return totals
+    extra = [
+        f"{n:,} {what}"
+        for n, what in (
+            (totals.excluded, "excluded"),
+            (totals.not_matched, "not matched"),
+            (totals.remapped, "given a new destination"),
+            (totals.dropped, "dropped"),
+        )
+        if n
+    ]
     console.print(
         f"planned {cfg.job}: {totals.listed:,} listed, {totals.added:,} new, "
-        f"{totals.reset:,} changed, {totals.unchanged:,} unchanged",
+        f"{totals.reset:,} changed, {totals.unchanged:,} unchanged"
+        + "".join(f", {e}" for e in extra),
         highlight=False,
+        soft_wrap=True,
     )
     return totals
 
@@ -180,8 +192,13 @@ def run_job(
         if freed:
             console.print(f"reclaimed {freed:,} rows leased by stopped processes", highlight=False)
         if not res.ledger.is_planned():
-            planner = Planner(cfg, res, console)
-            planner.start()
+            if cfg.keys.pattern is not None:
+                # A regex rule may map two sources to one key; the plan finds that out only
+                # at the colliding page, and nothing may be copied by then (docs/architecture).
+                run_plan(cfg, res, console)
+            else:
+                planner = Planner(cfg, res, console)
+                planner.start()
         code = _supervise(cfg, ctx, res.ledger, console, quiet, max_delete, planner)
     finally:
         if planner is not None:

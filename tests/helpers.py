@@ -16,7 +16,6 @@ import sqlalchemy as sa
 import yaml
 
 from migrator.config import Config, load_config
-from migrator.keys import map_key
 from seed.__main__ import app_rows, create_bucket, seed_app_db, upload
 from seed.data import SeedObject, seed_object
 from tests.conftest import REPO, unique
@@ -35,7 +34,9 @@ class Job:
         return {o.key: o.body for o in self.objects}
 
     def dest_key(self, key: str) -> str:
-        return map_key(key, self.cfg.source.prefix, self.cfg.destination.prefix)
+        dest = self.cfg.key_rule.map(key)
+        assert isinstance(dest, str), f"{key!r} is not selected by the job's key rule"
+        return dest
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:
@@ -53,9 +54,11 @@ def make_job(
     count: int = 20,
     size: int = 256,
     keys: Sequence[str] | None = None,
+    key_rule: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Job:
-    """Buckets with ``count`` seeded objects (or the given keys) and the app table."""
+    """Buckets with ``count`` seeded objects (or the given keys) and the app table;
+    ``key_rule`` is the config's ``keys:`` section."""
     data: dict[str, Any] = {
         "job": unique("job"),
         "ledger": ledger,
@@ -72,6 +75,8 @@ def make_job(
     }
     if app is not None:
         data["app_db"] = {"url": app, "table": "avatars", "column": "path"}
+    if key_rule is not None:
+        data["keys"] = key_rule
     data.update(settings)
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = write_config(tmp_path / "config.yaml", data)

@@ -21,11 +21,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from migrator.errors import LedgerError, db_reason
+from migrator.errors import ConfigError, LedgerError, db_reason
 from migrator.ledger.tables import Stage, State, jobs, objects, state_counts
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-SCHEMA_HEAD = "0003"  # the newest Alembic revision (a test pins it to alembic/versions)
+SCHEMA_HEAD = "0004"  # the newest Alembic revision (a test pins it to alembic/versions)
 VERSION_TABLE = "migrator_alembic_version"
 _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
 _PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
@@ -66,6 +66,20 @@ class PlanResult:
     added: int
     reset: int
     unchanged: int
+    remapped: int = 0  # never-copied rows given a new destination key by a changed rule
+    dropped: int = 0  # never-copied rows removed: the rule no longer selects their key
+
+
+_PLAN_TRIES = 3
+
+
+def collision_message(first: str, second: str, dest_key: str) -> str:
+    """The one line refusing a key rule that maps two sources to one destination."""
+    return (
+        f"keys rule maps two source keys to one destination: {first!r} and {second!r} both "
+        f"map to {dest_key!r}; change keys.pattern/keys.replace (or keys.exclude one of "
+        "them) and run `migrator plan` again"
+    )
 
 
 _ROW_COLS = (O.id, O.source_key, O.dest_key, O.size, O.etag, O.dest_etag, O.state, O.attempts)
@@ -262,22 +276,74 @@ class Ledger:
             return list(conn.execute(sa.select(jobs.c.name).order_by(jobs.c.name)).scalars())
 
     # -- plan -----------------------------------------------------------------------------
-    def upsert_page(self, page: Sequence[Planned]) -> PlanResult:
+    def upsert_page(
+        self, page: Sequence[Planned], dropped: Sequence[str] = (), *, replan: bool = False
+    ) -> PlanResult:
         """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
 
-        One transaction and at most two statements: an insert that skips keys already there,
-        then — only when some were — an update of the rows whose ETag changed (unless done;
-        the lease is cleared, ``dest_etag`` kept). A fresh job costs one statement per page.
+        One transaction: an insert that skips keys already there, then — only when some
+        were — an update of the rows whose ETag changed (unless done; the lease is cleared,
+        ``dest_etag`` kept). A fresh job costs one statement per page; a re-plan up to two
+        more (below).
+
+        On a re-plan (``replan``: the job had rows before this plan), rows never copied
+        (``pending`` with no ``dest_etag``) and held by no worker (its copy may be in flight)
+        follow the current key rule: one whose destination
+        key changed is planned afresh with the new key (deleted, then inserted: its attempts
+        and last error go), and the rows of ``dropped`` keys (listed, but no longer selected by
+        the rule) leave the job. Any other row keeps its destination key: a verified copy is
+        or was there, and app rows may already point at it.
+
+        A destination key that another source of the job already has violates the unique
+        index on ``(job, dest_key)``; the page is rolled back and a ``ConfigError`` names
+        both source keys. A violation without such a pair (two hosts planning the same page
+        at once) is retried.
         """
-        if not page:
+        if not page and not (replan and dropped):
             return PlanResult(0, 0, 0)
-        now = utcnow()
-        with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                added, reset = _upsert_page_postgres(conn, self.job, page, now)
-            else:
-                added, reset = _upsert_page_sqlite(conn, self.job, page, now)
-        return PlanResult(added, reset, len(page) - added - reset)
+        for attempt in range(_PLAN_TRIES):
+            now = utcnow()
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        added, reset, remapped, gone = _upsert_page_postgres(
+                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                        )
+                    else:
+                        added, reset, remapped, gone = _upsert_page_sqlite(
+                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                        )
+            except IntegrityError:
+                clash = self._dest_clash(page)
+                if clash is not None:
+                    raise ConfigError(clash) from None
+                if attempt == _PLAN_TRIES - 1:
+                    raise
+                continue
+            unchanged = len(page) - added - remapped - reset
+            return PlanResult(added, reset, unchanged, remapped, gone)
+        raise AssertionError("unreachable")
+
+    def _dest_clash(self, page: Sequence[Planned]) -> str | None:
+        """The message for a page's destination key that another source already holds."""
+        wanted = {p.dest_key: p.source_key for p in page}
+        with self._read() as conn:
+            held = conn.execute(
+                sa.select(O.source_key, O.dest_key).where(
+                    O.job == self.job, O.dest_key.in_(list(wanted))
+                )
+            ).all()
+        for source_key, dest_key in held:
+            if wanted[dest_key] != source_key:
+                return collision_message(source_key, wanted[dest_key], dest_key)
+        return None
+
+    def has_rows(self) -> bool:
+        """Whether the job has any row (a plan before this one got at least one page in)."""
+        with self._read() as conn:
+            return (
+                conn.execute(sa.select(O.id).where(O.job == self.job).limit(1)).first() is not None
+            )
 
     def states_of(self, source_keys: Sequence[str]) -> dict[str, str]:
         """The ledger state of each of these source keys that the job has a row for."""
@@ -778,6 +844,27 @@ WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.st
 """
 )
 
+# A never-copied row whose destination key changed is deleted here and inserted again by the
+# page's insert: all keys given up are free before any is taken, whatever the row order (an
+# UPDATE checks the unique index row by row, so a chain b→x, c→b would fail or not by order).
+_PLAN_REMAP_POSTGRES = sa.text(
+    """
+DELETE FROM migrator_objects AS o
+USING unnest(CAST(:keys AS text[]), CAST(:dests AS text[])) AS v(source_key, dest_key)
+WHERE o.job = :job AND o.source_key = v.source_key AND o.dest_key <> v.dest_key
+  AND o.state = :pending AND o.dest_etag IS NULL
+  AND (o.lease_expires IS NULL OR o.lease_expires < :now)
+"""
+)
+
+_PLAN_DROP_POSTGRES = sa.text(
+    """
+DELETE FROM migrator_objects
+WHERE job = :job AND source_key = ANY(CAST(:keys AS text[])) AND state = :pending
+  AND dest_etag IS NULL AND (lease_expires IS NULL OR lease_expires < :now)
+"""
+)
+
 
 _RELEASE_SQL = ", lease_owner = NULL, lease_expires = NULL"
 _RECORD_COPIED_POSTGRES = """
@@ -795,10 +882,24 @@ def _released(release: bool) -> dict[str, None]:
 
 
 def _upsert_page_postgres(
-    conn: sa.Connection, job: str, page: Sequence[Planned], now: datetime
-) -> tuple[int, int]:
+    conn: sa.Connection,
+    job: str,
+    page: Sequence[Planned],
+    dropped: Sequence[str],
+    now: datetime,
+    *,
+    replan: bool,
+) -> tuple[int, int, int, int]:
     """The page as five array parameters (``unnest``): one short statement per page, no
-    per-row statement, placeholder or round trip. Returns (added, reset)."""
+    per-row statement, placeholder or round trip. Returns (added, reset, remapped, dropped)."""
+    gone = 0
+    if dropped:
+        gone = conn.execute(
+            _PLAN_DROP_POSTGRES,
+            {"job": job, "keys": list(dropped), "pending": State.PENDING.value, "now": now},
+        ).rowcount
+    if not page:
+        return 0, 0, 0, gone
     params: dict[str, Any] = {
         "job": job,
         "now": now,
@@ -808,11 +909,16 @@ def _upsert_page_postgres(
         "etags": [p.etag for p in page],
         "mtimes": [_naive(p.last_modified) for p in page],
     }
-    added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": [p.dest_key for p in page]})
-    if added.rowcount == len(page):
-        return added.rowcount, 0
+    dests = [p.dest_key for p in page]
+    # Remap first: a pending row that gives up a destination key frees it for a new row.
+    remapped = 0
+    if replan:
+        remapped = conn.execute(_PLAN_REMAP_POSTGRES, {**params, "dests": dests}).rowcount
+    added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": dests}).rowcount
+    if added == len(page):
+        return added - remapped, 0, remapped, gone
     reset = conn.execute(_PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value})
-    return added.rowcount, reset.rowcount
+    return added - remapped, reset.rowcount, remapped, gone
 
 
 _PLAN_INSERT_SQLITE = (
@@ -827,16 +933,42 @@ _PLAN_RESET_SQLITE = (
     "WHERE job = ? AND source_key = ? AND etag <> ? AND state <> 'done'"
 )
 
+_PLAN_REMAP_SQLITE = (  # see _PLAN_REMAP_POSTGRES
+    "DELETE FROM migrator_objects "
+    "WHERE job = ? AND source_key = ? AND dest_key <> ? AND state = 'pending' "
+    "AND dest_etag IS NULL AND (lease_expires IS NULL OR lease_expires < ?)"
+)
+_PLAN_DROP_SQLITE = (
+    "DELETE FROM migrator_objects WHERE job = ? AND source_key = ? AND state = 'pending' "
+    "AND dest_etag IS NULL AND (lease_expires IS NULL OR lease_expires < ?)"
+)
+
 
 def _upsert_page_sqlite(
-    conn: sa.Connection, job: str, page: Sequence[Planned], now: datetime
-) -> tuple[int, int]:
+    conn: sa.Connection,
+    job: str,
+    page: Sequence[Planned],
+    dropped: Sequence[str],
+    now: datetime,
+    *,
+    replan: bool,
+) -> tuple[int, int, int, int]:
     """SQLite: one prepared statement run over tuples (the driver's executemany); datetimes
     stored in SQLAlchemy's text format so that queries compare them correctly."""
     to_text = objects.c.updated_at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
     assert to_text is not None
     at = to_text(now)
+    gone = 0
+    if dropped:
+        gone = conn.exec_driver_sql(_PLAN_DROP_SQLITE, [(job, k, at) for k in dropped]).rowcount
+    if not page:
+        return 0, 0, 0, gone
     mtimes = [to_text(_naive(p.last_modified)) for p in page]
+    remapped = 0
+    if replan:
+        remapped = conn.exec_driver_sql(
+            _PLAN_REMAP_SQLITE, [(job, p.source_key, p.dest_key, at) for p in page]
+        ).rowcount
     added = conn.exec_driver_sql(
         _PLAN_INSERT_SQLITE,
         [
@@ -845,7 +977,7 @@ def _upsert_page_sqlite(
         ],
     ).rowcount
     if added == len(page):
-        return added, 0
+        return added - remapped, 0, remapped, gone
     reset = conn.exec_driver_sql(
         _PLAN_RESET_SQLITE,
         [
@@ -853,7 +985,7 @@ def _upsert_page_sqlite(
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount
-    return added, reset
+    return added - remapped, reset, remapped, gone
 
 
 def _now_seconds(engine: Engine) -> sa.ColumnElement[Any]:

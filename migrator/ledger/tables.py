@@ -59,6 +59,8 @@ objects = sa.Table(
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
     sa.UniqueConstraint("job", "source_key", name="uq_migrator_objects_job_source"),
+    # One destination per job: a keys rule mapping two sources to one key is refused at plan.
+    sa.Index("uq_migrator_objects_job_dest", "job", "dest_key", unique=True),
     # Claims (one range per state, in id order), the delete gate, "any rows left?".
     sa.Index("ix_migrator_objects_job_state", "job", "state", "id"),
     # Heartbeats and releases by owner; only leased rows are in it (revision 0003).

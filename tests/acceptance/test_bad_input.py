@@ -140,6 +140,21 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
     ("destination-inside-source", _dest_inside_source, ("overlaps source prefix",)),
     ("source-inside-destination", _source_inside_dest, ("overlaps source prefix",)),
     (
+        "keys-bad-regex",
+        _set(None, keys={"pattern": r"^image/(\d+", "replace": r"avatar/\1"}),
+        ("keys.pattern", "is not a Python regular expression", "missing )"),
+    ),
+    (
+        "keys-unknown-group",
+        _set(None, keys={"pattern": r"^image/(\d+)$", "replace": r"avatar/\2"}),
+        ("keys: replace", "invalid group reference 2"),
+    ),
+    (
+        "keys-replace-outside-destination",
+        _set(None, keys={"pattern": r"^image/(.*)$", "replace": r"photos/\1"}),
+        ("does not start with destination.prefix 'avatar/'",),
+    ),
+    (
         "ledger-port-not-a-number",
         _set(None, ledger="postgresql+psycopg2://postgres@127.0.0.1:fivefour/ledger"),
         ("ledger",),
