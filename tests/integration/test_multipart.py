@@ -290,14 +290,19 @@ def test_kill_after_completion_before_the_ledger_record_converges(
     ETag recorded before completion lets the re-run see the object as this job's: it is
     copied again, not failed as a conflict."""
     server = s3fast("-latency", "2s", "-fault-ops", "CompleteMultipartUpload")
-    job = multipart_job(tmp_path, s3_client(server.endpoint), server.endpoint)
+    # One worker: one completion in flight at a time, so the one sent is the caught row's.
+    job = multipart_job(tmp_path, s3_client(server.endpoint), server.endpoint, workers=1)
     engine = sa.create_engine(job.cfg.ledger)
     proc = start_run(job)
     caught: str | None = None
     try:
         deadline = time.monotonic() + 60
-        while caught is None and time.monotonic() < deadline and proc.poll() is None:
+        sent = 0
+        # The ETag is recorded just before the completion is sent: wait for both, or a busy
+        # machine may let the kill land in between (then nothing completes).
+        while (caught is None or not sent) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
+            sent = server.stats()["ops"].get("CompleteMultipartUpload", 0)
             # The ledger may not exist yet, or be busy.
             with contextlib.suppress(sa.exc.OperationalError), engine.connect() as conn:
                 caught = conn.execute(
