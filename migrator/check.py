@@ -58,7 +58,7 @@ class _Side:
     def item(self, what: str, status: str, detail: str) -> Item:
         return Item(f"{self.side}: {what}", status, detail)
 
-    def credentials(self) -> Item:
+    def credentials(self, *, validate: bool = True) -> Item:
         creds = self.factory.core.get_credentials()
         if creds is None:
             profile = f" (profile {self.loc.profile})" if self.loc.profile else ""
@@ -68,7 +68,27 @@ class _Side:
                 f"no AWS credentials found{profile}: set AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, a profile, or a role",
             )
-        return self.item("credentials", "ok", f"found ({creds.method})")
+        if not validate:
+            return self.item("credentials", "ok", f"found ({creds.method})")
+        if self.loc.endpoint_url is not None:
+            return self.item(
+                "credentials", "ok", f"found ({creds.method}); a custom endpoint: no STS check"
+            )
+        # On AWS, STS says whether they are valid, and whose they are (account and ARN are
+        # not secrets); the S3 checks below say what they may do. A network without a route
+        # to STS (a VPC with only an S3 endpoint) is no reason to fail.
+        try:
+            sts = self.factory.session.client("sts", region_name=self.loc.region or "us-east-1")
+            who = sts.get_caller_identity()
+        except ClientError as exc:
+            return self.item("credentials", "fail", f"rejected by AWS STS: {_s3_reason(exc)}")
+        except BotoCoreError as exc:
+            return self.item(
+                "credentials", "warn", f"found ({creds.method}); STS not reachable: {exc}"
+            )
+        return self.item(
+            "credentials", "ok", f"valid ({creds.method}): account {who['Account']}, {who['Arn']}"
+        )
 
     def bucket(self) -> Item:
         try:
@@ -290,7 +310,7 @@ def start_checks(cfg: Config) -> list[Item]:
     items: list[Item] = []
     for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
         check = _Side(cfg, loc, side)
-        items.append(check.credentials())
+        items.append(check.credentials(validate=False))  # no STS request at every run
         if side == "source" and cfg.delete_source != "never" and items[-1].status == "ok":
             versioning = check.versioning_state()
             if check.versioning:  # known to be on; a refused read is pre-flight's to report

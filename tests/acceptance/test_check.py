@@ -179,3 +179,25 @@ def test_iam_policy_names_exactly_the_job_and_its_rights(
     for doc in (*moved.values(), *kept.values()):
         assert doc["Version"] == "2012-10-17"
         assert all(s["Effect"] == "Allow" and s["Sid"] for s in doc["Statement"])
+
+
+def test_on_aws_the_credentials_are_validated_by_sts(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    """Without endpoint_url the job is on AWS: STS GetCallerIdentity says whose credentials
+    they are. botocore's AWS_ENDPOINT_URL sends every service, STS included, to the moto
+    server here instead of AWS."""
+    job = sqlite_job(tmp_path, moto_s3, moto_endpoint, with_app=False, count=2)
+    data = job.cfg.model_dump(exclude_none=True)
+    for side in ("source", "destination"):
+        data[side].pop("endpoint_url")
+        data[side]["region"] = "us-east-1"
+    write_config(job.config_path, data)
+
+    proc, items = check(job, {"AWS_ENDPOINT_URL": moto_endpoint})
+
+    assert proc.returncode == 0, proc.stderr
+    detail = items["source: credentials"]["detail"]
+    assert items["source: credentials"]["status"] == "ok"
+    assert detail.startswith("valid (env): account 123456789012, arn:aws:"), detail
+    assert items["destination: write"]["status"] == "ok"  # S3 went to moto too
