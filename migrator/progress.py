@@ -103,7 +103,11 @@ class RunDisplay:
             self.tasks[name] = self.progress.add_task(name, total=None, info="")
         self.progress.start()
 
-    def update(self, snap: Snapshot, workers_alive: int, now: float | None = None) -> None:
+    def update(
+        self, snap: Snapshot, workers_alive: int, now: float | None = None, planning: bool = False
+    ) -> None:
+        """``planning``: the job is still being listed, so its total is still growing and no
+        ETA can be given yet."""
         now = time.monotonic() if now is None else now
         self.copy_meter.add(snap.copied, now)
         self.done_meter.add(snap.done, now)
@@ -113,7 +117,7 @@ class RunDisplay:
             rate, left = self.copy_meter.rate(), snap.total - snap.copied - snap.failed
         else:
             rate, left = self.done_meter.rate(), snap.total - snap.done - snap.failed
-        eta = fmt_eta(left / rate if rate > 0 else None)
+        eta = "planning" if planning else fmt_eta(left / rate if rate > 0 else None)
         info = f"{rate:,.0f} obj/s · ETA {eta} · failed {snap.failed} · workers {workers_alive}"
         if self.progress is not None:
             for name, task in self.tasks.items():

@@ -279,7 +279,8 @@ def _supervise(
                     else:
                         gave_up = True
             try:
-                display.update(Snapshot.from_counts(ledger.counts()), len(procs))
+                planning = planner is not None and planner.is_alive()
+                display.update(Snapshot.from_counts(ledger.counts()), len(procs), planning=planning)
             except SQLAlchemyError as exc:
                 log.warning("cannot read progress: %s", db_reason(exc))
     finally:

@@ -64,3 +64,16 @@ def test_quiet_display_prints_nothing() -> None:
     display = RunDisplay(_config(), Console(file=out, force_terminal=False), quiet=True)
     display.update(Snapshot.from_counts({"pending": 1}), 1, now=0.0)
     assert out.getvalue() == ""
+
+
+def test_no_eta_while_the_job_is_still_being_planned() -> None:
+    """While ``run`` still lists the job its total grows: an ETA from it would be wrong."""
+    out = io.StringIO()
+    display = RunDisplay(_config(), Console(file=out, force_terminal=False, width=200))
+    display.update(Snapshot.from_counts({"pending": 100}), 2, now=0.0, planning=True)
+    display.update(Snapshot.from_counts({"pending": 950, "done": 50}), 2, now=5.0, planning=True)
+    display.update(Snapshot.from_counts({"pending": 900, "done": 100}), 2, now=10.0)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert "ETA planning" in lines[0] and "ETA planning" in lines[1]
+    assert "ETA planning" not in lines[2] and "ETA " in lines[2]
