@@ -253,7 +253,7 @@ def inventory_objects(client: Any, manifest: Manifest) -> Iterator[ListedObject]
             fh.seek(0)
             try:
                 yield from file_objects(manifest, fh)
-            except (ValueError, IndexError, KeyError, OSError, csv.Error) as exc:
+            except (ValueError, TypeError, IndexError, KeyError, OSError, csv.Error) as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise ConfigError(
                     f"inventory data file {where} is not a valid {manifest.file_format} "

@@ -282,5 +282,15 @@ def test_bad_reports_are_refused_with_one_line(
     moto_s3.put_object(Bucket=inv_bucket, Key=manifest["files"][0]["key"], Body=replaced)
     _one_line_error(plan(url), "has MD5", "the manifest says")
     assert ledger_rows(job.cfg.ledger) == []
+
+    # A data file that is not what the manifest says it is (its MD5 matching).
+    garbage = b"PK\x03\x04 not gzip"
+    files = [{**manifest["files"][0], "MD5checksum": hashlib.md5(garbage).hexdigest()}]
+    moto_s3.put_object(Bucket=inv_bucket, Key=files[0]["key"], Body=garbage)
+    manifest_key = url[len("s3://") :].split("/", 1)[1]
+    damaged = json.dumps({**manifest, "files": files}).encode()
+    moto_s3.put_object(Bucket=inv_bucket, Key=manifest_key, Body=damaged)
+    _one_line_error(plan(url), "is not a valid CSV inventory file")
+    assert ledger_rows(job.cfg.ledger) == []
     status = run_cli("status", "--config", cfg_path, "--json")
     assert json.loads(status.stdout)["total"] == 0
