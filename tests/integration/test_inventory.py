@@ -148,36 +148,40 @@ def ledger_rows(url: str) -> list[tuple[Any, ...]]:
         with engine.connect() as conn:
             cols = [objects.c[c] for c in ("source_key", "dest_key", "size", "etag", "state")]
             cols.append(objects.c.last_modified)
-            return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(objects.c.source_key))]
+            return sorted(tuple(r) for r in conn.execute(sa.select(*cols)))  # not by collation
     finally:
         engine.dispose()
 
 
-def second_ledger(job: Any, name: str) -> Path:
-    """The job's config with another ledger file: the same job planned a second way."""
+def second_ledger(job: Any, url: str) -> Path:
+    """The job's config with another ledger: the same job planned a second way."""
     data = yaml.safe_load(job.config_path.read_text())
-    data["ledger"] = f"sqlite:///{job.dir / name}"
-    return write_config(job.dir / f"{name}.yaml", data)
+    data["ledger"] = url
+    return write_config(job.dir / "listed.yaml", data)
 
 
 @pytest.mark.parametrize("fmt", ["CSV", "Parquet"])
 def test_inventory_plan_equals_listing_plan_and_runs(
-    tmp_path: Path, moto_s3: Any, moto_endpoint: str, fmt: str
+    tmp_path: Path,
+    moto_s3: Any,
+    moto_endpoint: str,
+    fmt: str,
+    db_urls: dict[str, str],
+    request: pytest.FixtureRequest,
 ) -> None:
     job = make_job(
-        tmp_path,
-        moto_s3,
-        moto_endpoint,
-        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
-        app=f"sqlite:///{tmp_path / 'app.db'}",
-        keys=KEYS,
+        tmp_path, moto_s3, moto_endpoint, ledger=db_urls["ledger"], app=db_urls["app"], keys=KEYS
     )
+    if job.cfg.ledger.startswith("sqlite"):
+        listed_url = f"sqlite:///{tmp_path / 'listed.db'}"
+    else:
+        listed_url = request.getfixturevalue("pg_database")("listed")
     src = job.cfg.source.bucket
     for key in OUTSIDE:
         moto_s3.put_object(Bucket=src, Key=key, Body=b"not the job's")
     url, _ = write_inventory(moto_s3, src, listing(moto_s3, src), fmt, files=3)
 
-    listed_config = second_ledger(job, "listed.db")
+    listed_config = second_ledger(job, listed_url)
     listed = run_cli("plan", "--config", str(listed_config))
     assert listed.returncode == 0, listed.stderr
     planned = run_cli("plan", "--config", str(job.config_path), "--from-inventory", url)
@@ -187,7 +191,7 @@ def test_inventory_plan_equals_listing_plan_and_runs(
 
     rows = ledger_rows(job.cfg.ledger)
     assert [r[0] for r in rows] == sorted(KEYS)  # decoded; nothing outside the prefix
-    assert rows == ledger_rows(f"sqlite:///{job.dir / 'listed.db'}")
+    assert rows == ledger_rows(listed_url)
 
     # Planning from the same report again changes nothing (the listing's re-plan semantics).
     again = run_cli("plan", "--config", str(job.config_path), "--from-inventory", url)
