@@ -121,19 +121,49 @@ def main(verbose: int) -> None:
 
 @main.command()
 @config_option
+@click.option(
+    "--from-inventory",
+    "inventory",
+    metavar="S3_URL",
+    default=None,
+    help="Plan from this S3 Inventory report (s3://bucket/…/manifest.json, CSV or Parquet) "
+    "instead of listing the source; read with the source's credentials.",
+)
 @handle_errors
-def plan(config_path: Path) -> None:
+def plan(config_path: Path, inventory: str | None) -> None:
     """List the source prefix into the ledger (idempotent, delta-aware).
 
     New objects are added, changed ones (ETag differs) go back to pending, finished ones are
-    kept. Example: migrator plan --config config.yaml
+    kept. With --from-inventory the objects come from an S3 Inventory report instead of
+    ListObjectsV2 (for buckets too large to list); objects written after the report are not
+    in it: see docs/operations.md.
+
+    \b
+    Examples:
+      migrator plan --config config.yaml
+      migrator plan --from-inventory \\
+        s3://inventory/legacy/daily/2026-11-24T01-00Z/manifest.json
     """
     cfg = _load(config_path)
+    pages = None
+    if inventory is not None:
+        from migrator.inventory import inventory_pages, load_manifest
+        from migrator.storage import s3
+
+        client = s3.ClientFactory(cfg.source).client()
+        manifest = load_manifest(client, inventory, cfg)  # bad input: exit 2, nothing written
+        pages = inventory_pages(client, manifest, cfg.source.prefix)
+        err_console.print(
+            f"planning from the inventory of {manifest.created:%Y-%m-%d %H:%M} UTC "
+            f"({manifest.file_format}, {len(manifest.files):,} data "
+            f"file{'' if len(manifest.files) == 1 else 's'})",
+            highlight=False,
+        )
     from migrator.supervisor import preflight, run_plan
 
     res = preflight(cfg)
     try:
-        run_plan(cfg, res, err_console)
+        run_plan(cfg, res, err_console, pages=pages)
     finally:
         res.close()
 

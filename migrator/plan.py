@@ -1,8 +1,9 @@
-"""plan: list the source prefix into the ledger, one page (≤ 1,000 objects) at a time."""
+"""plan: list the source prefix (or read an S3 Inventory report) into the ledger, one page
+(≤ 1,000 objects) at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,20 +65,33 @@ def plan_job(
     on_page: Callable[[PlanTotals], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> PlanTotals:
-    """Stream ``ListObjectsV2`` into the ledger; idempotent and delta-aware. Memory stays
-    constant: one page is held at a time. ``stop`` is asked before each page; a plan stopped
-    early leaves the job unplanned, and the next one lists it again from the start.
+    """Stream ``ListObjectsV2`` of the source prefix into the ledger (:func:`plan_pages`)."""
+    src = cfg.source
+    return plan_pages(cfg, ledger, source_client.list_pages(src.bucket, src.prefix), on_page, stop)
+
+
+def plan_pages(
+    cfg: Config,
+    ledger: Ledger,
+    pages: Iterable[Sequence[ListedObject]],
+    on_page: Callable[[PlanTotals], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> PlanTotals:
+    """Upsert pages of the source's objects into the ledger; idempotent and delta-aware.
+    Whatever produces the pages (a listing, an S3 Inventory report), re-plan semantics,
+    counts and collisions are the same. Memory stays constant: one page is held at a time.
+    ``stop`` is asked before each page; a plan stopped early (or ended by an error from
+    ``pages``) leaves the job unplanned, and the next one starts again from the beginning.
 
     Keys are selected and mapped by ``cfg.key_rule``. A key the rule cannot map, or a
     destination key that two sources would share, stops the plan with a ConfigError; the
     pages before it stay in the ledger, and a re-plan with a corrected rule gives their rows
     (those never copied) the new destination keys or drops them."""
-    src = cfg.source
     rule = cfg.key_rule
     ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
     replan = ledger.has_rows()
     totals = PlanTotals()
-    for page in source_client.list_pages(src.bucket, src.prefix):
+    for page in pages:
         if stop is not None and stop():
             return totals
         planned, left_out = plan_page(rule, page, totals)

@@ -10,7 +10,7 @@ import multiprocessing.connection
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -31,10 +31,11 @@ from migrator.errors import (
     db_reason,
 )
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
-from migrator.plan import PlanTotals, plan_job
+from migrator.plan import PlanTotals, plan_job, plan_pages
 from migrator.progress import RunDisplay, Snapshot
 from migrator.spawn import start_fork_server
 from migrator.storage import s3
+from migrator.storage.common import ListedObject
 from migrator.worker import worker_main
 
 log = logging.getLogger("migrator")
@@ -100,8 +101,14 @@ def preflight(cfg: Config) -> Resources:
 
 
 def run_plan(
-    cfg: Config, res: Resources, console: Console, stop: Callable[[], bool] | None = None
+    cfg: Config,
+    res: Resources,
+    console: Console,
+    stop: Callable[[], bool] | None = None,
+    pages: Iterable[Sequence[ListedObject]] | None = None,
 ) -> PlanTotals:
+    """Plan with progress lines and a summary: from the listing, or from ``pages`` (an S3
+    Inventory report) when given."""
     last = [0.0]
 
     def on_page(t: PlanTotals) -> None:
@@ -109,7 +116,10 @@ def run_plan(
             last[0] = time.monotonic()
             console.print(f"planning: {t.listed:,} objects listed", highlight=False)
 
-    totals = plan_job(cfg, res.ledger, res.source, on_page, stop)
+    if pages is None:
+        totals = plan_job(cfg, res.ledger, res.source, on_page, stop)
+    else:
+        totals = plan_pages(cfg, res.ledger, pages, on_page, stop)
     if not totals.complete:
         console.print(f"planning stopped after {totals.listed:,} objects", highlight=False)
         return totals

@@ -8,11 +8,12 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlencode
 
 import boto3
@@ -182,6 +183,36 @@ def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObj
             )
             for o in page.get("Contents", ())
         ]
+
+
+def read_object(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
+    """A small object's bytes (at most ``max_bytes``: a manifest, not a data file); S3's
+    refusal as a classified :class:`S3OperationError`."""
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return bytes(body.read(max_bytes))
+        finally:
+            body.close()
+    except (ClientError, BotoCoreError) as exc:
+        raise classify(exc) from None
+
+
+def download(client: Any, bucket: str, key: str, out: BinaryIO) -> str:
+    """Stream an object into ``out`` 1 MiB at a time (constant memory, whatever its size);
+    returns the hex MD5 of what was written, to check against a checksum from elsewhere."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            for chunk in iter(lambda: body.read(1 << 20), b""):
+                md5.update(chunk)
+                out.write(chunk)
+        finally:
+            body.close()
+    except (ClientError, BotoCoreError) as exc:
+        raise classify(exc) from None
+    return md5.hexdigest()
 
 
 def head(client: Any, bucket: str, key: str) -> Head | None:
