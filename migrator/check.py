@@ -11,6 +11,7 @@ probe (``start_checks``) and prints the warnings.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from dataclasses import asdict, dataclass
@@ -51,9 +52,17 @@ class _Side:
     def __init__(self, cfg: Config, loc: Location, side: str) -> None:
         self.cfg, self.loc, self.side = cfg, loc, side
         self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
-        self.client = self.factory.client()
         self.versioning = ""  # "", "Enabled" or "Suspended"
         self.where = f"s3://{loc.bucket}/{loc.prefix}"
+
+    @functools.cached_property
+    def client(self) -> Any:
+        """Built on first use: ``run``'s checks need none for the destination."""
+        return self.factory.client()
+
+    def close(self) -> None:
+        if "client" in self.__dict__:
+            self.client.close()
 
     def item(self, what: str, status: str, detail: str) -> Item:
         return Item(f"{self.side}: {what}", status, detail)
@@ -178,28 +187,34 @@ class _Side:
         return self.item("write", "ok", "can write (an empty probe object, removed again)")
 
 
+def _side_items(cfg: Config, check: _Side) -> list[Item]:
+    """One bucket's items, stopping at the first that makes the rest meaningless."""
+    creds = check.credentials()
+    if creds.status == "fail":
+        return [creds]
+    bucket = check.bucket()
+    if bucket.status == "fail":
+        return [creds, bucket]
+    items = [creds, bucket, check.versioning_state()]
+    listed, first = check.list_right()
+    items.append(listed)
+    if check.side == "source":
+        items.append(check.read_right(first))
+        if cfg.delete_source != "never":
+            items.append(check.delete_right())
+    else:
+        items.append(check.write_right())
+    return items
+
+
 def _s3_items(cfg: Config) -> list[Item]:
     items: list[Item] = []
     for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
         check = _Side(cfg, loc, side)
-        creds = check.credentials()
-        items.append(creds)
-        if creds.status == "fail":
-            continue
-        bucket = check.bucket()
-        items.append(bucket)
-        if bucket.status == "fail":
-            continue
-        items.append(check.versioning_state())
-        listed, first = check.list_right()
-        items.append(listed)
-        if side == "source":
-            items.append(check.read_right(first))
-            if cfg.delete_source != "never":
-                items.append(check.delete_right())
-        else:
-            items.append(check.write_right())
-        check.client.close()
+        try:
+            items += _side_items(cfg, check)
+        finally:
+            check.close()
     if cfg.source.model_dump(exclude={"bucket", "prefix"}) != cfg.destination.model_dump(
         exclude={"bucket", "prefix"}
     ):
@@ -315,7 +330,7 @@ def start_checks(cfg: Config) -> list[Item]:
             versioning = check.versioning_state()
             if check.versioning:  # known to be on; a refused read is pre-flight's to report
                 items.append(versioning)
-        check.client.close()
+        check.close()
     if cfg.app_db is not None:
         items += [i for i in _app_items(cfg) if i.check == "app index"]
     return items
