@@ -210,29 +210,33 @@ def _index_of(engine: sa.Engine, table: sa.Table, column: str) -> str | None:
 def _app_items(cfg: Config) -> list[Item]:
     if cfg.app_db is None:
         return [Item("app database", "skip", "no app_db: nothing to rewrite")]
-    name = f"{cfg.app_db.table}.{cfg.app_db.column}"
+    names = ", ".join(t.name for t in cfg.app_db.all_targets)
     try:
         app = AppDatabase(cfg.app_db)
     except MigratorError as exc:
         return [Item("app database", "fail", str(exc))]
+    indexes: dict[str, str | None] = {}
     try:
-        index = _index_of(app.engine, app.table, cfg.app_db.column)
+        for t in app.targets:
+            indexes[t.name] = _index_of(app.engine, t.table, t.column.name)
     except SQLAlchemyError as exc:
-        return [Item("app database", "warn", f"{name} found; indexes unknown: {db_reason(exc)}")]
+        return [Item("app database", "warn", f"{names} found; indexes unknown: {db_reason(exc)}")]
     finally:
         app.dispose()
-    items = [Item("app database", "ok", f"{name} found in {safe_url(cfg.app_db.url)}")]
-    if index is None:
-        items.append(
-            Item(
-                "app index",
-                "warn",
-                f"no index on {name}: every rewrite batch scans the table; "
-                f"CREATE INDEX ON {cfg.app_db.table} ({cfg.app_db.column})",
+    items = [Item("app database", "ok", f"{names} found in {safe_url(cfg.app_db.url)}")]
+    for name, index in indexes.items():
+        table, _, column = name.rpartition(".")
+        if index is None:
+            items.append(
+                Item(
+                    "app index",
+                    "warn",
+                    f"no index on {name}: every rewrite batch scans the table; "
+                    f"CREATE INDEX ON {table} ({column})",
+                )
             )
-        )
-    else:
-        items.append(Item("app index", "ok", f"{name} is indexed ({index})"))
+        else:
+            items.append(Item("app index", "ok", f"{name} is indexed ({index})"))
     return items
 
 
