@@ -34,6 +34,7 @@ _IN_BATCH = 1000
 # MySQL: the width of JSON_TABLE's columns. A key is at most 1,024 bytes and a template at most
 # 1,000 characters each side, so no value is ever cut short (a cut value would match nothing).
 _MYSQL_VALUE_CHARS = 3072
+_MYSQL = ("mysql", "mariadb")  # the dialect names of mysql+pymysql:// and mariadb+pymysql://
 _MYSQL_CHARSETS = ("utf8mb4", "utf8mb3", "utf8")
 
 
@@ -138,7 +139,7 @@ class AppDatabase:
                     f"{where}.column {t.column!r} is {column.type}, not a text column holding "
                     "object keys"
                 )
-            if self.dialect == "mysql":
+            if self.dialect in _MYSQL:
                 self._check_mysql_charset(table, column, where)
         except NoSuchTableError:
             raise PreflightError(f"{where}.table {t.table!r} does not exist in {db}") from None
@@ -189,7 +190,7 @@ class AppDatabase:
             olds, news = [o for o, _ in pairs], [n for _, n in pairs]
             stmt = self._statement(t, _update_from_arrays)
             return conn.execute(stmt, {"old": olds, "new": news}).rowcount
-        if conn.dialect.name == "mysql":
+        if conn.dialect.name in _MYSQL:
             doc = json.dumps([list(p) for p in pairs], ensure_ascii=False)
             stmt = self._statement(t, _update_from_json)
             return conn.execute(stmt, {"pairs": doc}).rowcount
@@ -254,7 +255,7 @@ class AppDatabase:
         col: Any = t.column
         if self.dialect == "postgresql":
             col = col.collate("C")
-        elif self.dialect == "mysql":
+        elif self.dialect in _MYSQL:
             col = sa.cast(col, sa.LargeBinary)  # byte order, and no case folding in DISTINCT
         q = (
             sa.select(col)
@@ -265,7 +266,7 @@ class AppDatabase:
         with self.engine.connect() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=1000).execute(q)
             for v in rows.scalars():
-                if isinstance(v, bytes | bytearray) and self.dialect == "mysql":
+                if isinstance(v, bytes | bytearray) and self.dialect in _MYSQL:
                     v = bytes(v).decode("utf-8", "surrogateescape")
                 if isinstance(v, str) and v.startswith(start):
                     yield v
