@@ -422,6 +422,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):  # an item of a list, e.g. app_db.targets.0
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from migrator.appdb import AppDatabase
 from migrator.config import AppDB
+from migrator.errors import PreflightError
 
 ROWS = 3000
 
@@ -242,3 +243,33 @@ def test_audit_keys_come_back_in_byte_order_through_the_template(app_url: str) -
 def test_mariadb_url_takes_the_same_path(mysql_database: Callable[[str], str]) -> None:
     url = mysql_database("app").replace("mysql+pymysql://", "mariadb+pymysql://", 1)
     test_templates_and_targets_rewrite_exact_values_only(url)
+
+
+def test_each_targets_identifiers_are_checked_against_the_schema(app_url: str) -> None:
+    make_tables(app_url)
+    bad_column = AppDB(
+        url=app_url,
+        targets=[{"table": "avatars", "column": "path"}, {"table": "profiles", "column": "nope"}],
+    )
+    with pytest.raises(PreflightError, match=r"app_db\.targets\[1\]\.column 'nope' does not"):
+        AppDatabase(bad_column)
+    bad_table = AppDB(url=app_url, targets=[{"table": "avatar", "column": "path"}])
+    with pytest.raises(PreflightError, match=r"app_db\.targets\[0\]\.table 'avatar' does not"):
+        AppDatabase(bad_table)
+    with pytest.raises(PreflightError, match=r"^app_db\.column 'nope' does not exist"):
+        AppDatabase(AppDB(url=app_url, table="avatars", column="nope"))
+
+
+def test_mysql_column_that_is_not_utf8_is_refused(mysql_database: Callable[[str], str]) -> None:
+    """Keys are compared as UTF-8 bytes; a latin1 column would make that comparison miss."""
+    url = mysql_database("app")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE old_avatars (id INT PRIMARY KEY, path VARCHAR(255)) CHARSET latin1"
+            )
+        )
+    engine.dispose()
+    with pytest.raises(PreflightError, match="uses character set latin1"):
+        AppDatabase(AppDB(url=url, table="old_avatars", column="path"))
