@@ -489,7 +489,8 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     if env.get(ENV_APP_DB_URL):
         if not isinstance(raw.get("app_db"), dict):
             raise ConfigError(
-                f"{ENV_APP_DB_URL} is set but {p} has no app_db section (table, column)"
+                f"{ENV_APP_DB_URL} is set but {p} has no app_db section "
+                "(table and column, or targets)"
             )
         raw["app_db"] = {**raw["app_db"], "url": env[ENV_APP_DB_URL]}
     raw["ledger"] = _anchor_sqlite(raw.get("ledger", "sqlite:///migrator.db"), p.parent)
