@@ -163,3 +163,30 @@ def test_a_failing_target_rolls_back_the_chunk_and_deletes_nothing(
     assert list_keys(moto_s3, job.cfg.source.bucket) == set(KEYS)
     status = run_cli("status", "--json", "--config", str(job.config_path))
     assert json.loads(status.stdout)["counts"]["failed"] == len(KEYS), status.stdout
+
+
+def test_a_source_still_pointed_at_after_the_guards_rewrite_is_kept(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    """An app that writes the old URL back after every update (a trigger here): the rewrite
+    stage commits, the delete guard finds the row again, rewrites it, finds it once more and
+    keeps the source instead of deleting it (I1); the other sources go."""
+    app_url = f"sqlite:///{tmp_path / 'app.db'}"
+    sa.create_engine(app_url).connect().close()
+    job = job_with_urls(
+        tmp_path, moto_s3, moto_endpoint, app_url, max_attempts=1, delete_source="per_chunk"
+    )
+    stubborn = "image/003.png"
+    engine = sa.create_engine(app_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER keep_old AFTER UPDATE OF photo_url ON profiles "
+            f"WHEN NEW.photo_url = '{CDN}avatar/003.png' BEGIN "
+            "UPDATE profiles SET photo_url = OLD.photo_url WHERE id = NEW.id; END"
+        )
+    engine.dispose()
+    assert run_job(job.cfg, console=Console(stderr=True, quiet=True)) != 0
+    assert list_keys(moto_s3, job.cfg.source.bucket) == {stubborn}
+    assert LEGACY + stubborn in column(app_url, "profiles", "photo_url")
+    status = json.loads(run_cli("status", "--json", "--config", str(job.config_path)).stdout)
+    assert status["counts"]["failed"] == 1 and status["counts"]["done"] == len(KEYS) - 1
