@@ -15,7 +15,7 @@ being equal (so only the exact value matches); lookups filter the candidates exa
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy.sql.expression import Executable
 
 from migrator.config import AppDB as AppDBConfig
 from migrator.config import AppTarget, Template
@@ -92,7 +93,7 @@ class AppDatabase:
             raise PreflightError(f"app database file {file} does not exist; fix app_db.url")
         self.engine = engine or _make_engine(cfg.url)
         self.dialect = self.engine.dialect.name
-        self._statements: dict[int, Any] = {}
+        self._statements: dict[int, Executable] = {}
         single = not cfg.targets
         tables: dict[str, sa.Table] = {}
         self.targets = [
@@ -204,7 +205,7 @@ class AppDatabase:
         result = conn.execute(stmt, [{"b_old": o, "b_new": n} for o, n in pairs])
         return result.rowcount
 
-    def _statement(self, t: Target, build: Any) -> Any:
+    def _statement(self, t: Target, build: Callable[[sa.Dialect, Target], Executable]) -> Any:
         """A target's rewrite statement, built once: the same text for any batch size."""
         key = id(t)
         if key not in self._statements:
