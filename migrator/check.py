@@ -210,7 +210,7 @@ def _index_of(engine: sa.Engine, table: sa.Table, column: str) -> str | None:
 def _app_items(cfg: Config) -> list[Item]:
     if cfg.app_db is None:
         return [Item("app database", "skip", "no app_db: nothing to rewrite")]
-    names = ", ".join(t.name for t in cfg.app_db.all_targets)
+    names = ", ".join(dict.fromkeys(t.name for t in cfg.app_db.all_targets))
     try:
         app = AppDatabase(cfg.app_db)
     except MigratorError as exc:

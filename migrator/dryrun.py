@@ -108,7 +108,7 @@ def dry_run(cfg: Config, out: Console) -> Preview:
     if cfg.app_db is not None:
         out.print(
             f"  would rewrite  {p.rewrite_rows:,} rows of "
-            f"{', '.join(t.name for t in cfg.app_db.all_targets)} "
+            f"{', '.join(dict.fromkeys(t.name for t in cfg.app_db.all_targets))} "
             f"(for {p.rewrite_keys:,} objects)",
             highlight=False,
         )

@@ -98,6 +98,11 @@ def test_urls_in_two_tables_are_rewritten_and_verified(
 ) -> None:
     job = job_with_urls(tmp_path, moto_s3, moto_endpoint, app_url)
     before = column(app_url, "avatars", "path")
+    dry = run_cli("run", "--dry-run", "--config", str(job.config_path))
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    # a bare key and a URL per object in avatars, a URL per object in profiles
+    rows = 3 * len(KEYS)
+    assert f"would rewrite  {rows} rows of avatars.path, profiles.photo_url" in dry.stdout
     assert run_job(job.cfg, console=Console(stderr=True, quiet=True)) == 0
 
     dest = {k: job.dest_key(k) for k in KEYS}
