@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from migrator.appdb import AppDatabase
 from migrator.config import AppDB
-from migrator.errors import PreflightError
+from migrator.errors import PreflightError, UnreachableError
 
 ROWS = 3000
 
@@ -273,3 +273,14 @@ def test_mysql_column_that_is_not_utf8_is_refused(mysql_database: Callable[[str]
     engine.dispose()
     with pytest.raises(PreflightError, match="uses character set latin1"):
         AppDatabase(AppDB(url=url, table="old_avatars", column="path"))
+
+
+def test_unreachable_mysql_is_one_line_without_the_password() -> None:
+    from tests.conftest import free_port
+
+    url = f"mysql+pymysql://root:s3cretpw@127.0.0.1:{free_port()}/app"
+    with pytest.raises(UnreachableError) as info:
+        AppDatabase(AppDB(url=url, table="avatars", column="path"))
+    message = str(info.value)
+    assert "s3cretpw" not in message and "\n" not in message
+    assert message.startswith("app database mysql+pymysql://root:***@127.0.0.1:")
