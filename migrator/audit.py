@@ -65,7 +65,9 @@ def merge_by_key(
 
 def audit(cfg: Config, res: Resources) -> AuditResult:
     """Every done row: destination present with the recorded size and ETag, source deleted per
-    policy; no app row still holds a migrated source key; unfinished rows are reported too."""
+    policy; no app row (of any target) still holds a migrated source key's value, and every
+    app value under a prefix names an existing object; unfinished rows are reported too. Each
+    target costs one listing of each side."""
     result = AuditResult()
     src, dst = cfg.source, cfg.destination
     ledger = res.ledger
@@ -93,25 +95,29 @@ def audit(cfg: Config, res: Resources) -> AuditResult:
         elif obj is not None and obj.etag == row["etag"]:
             result.add("source left behind", row["source_key"])
     if res.appdb is not None:
-        for side, loc, client in (
-            ("destination", dst, res.dest),
-            ("source", src, res.source),
-        ):
-            values = ({"value": v} for v in res.appdb.iter_values(loc.prefix))
-            listing = _listing(client, loc.bucket, loc.prefix)
-            for row, obj in merge_by_key(values, "value", listing):
-                if obj is None:
-                    result.add(f"app row points at a {side} key that does not exist", row["value"])
+        for t in res.appdb.targets:
+            for side, loc, client, template in (
+                ("destination", dst, res.dest, t.cfg.new),
+                ("source", src, res.source, t.cfg.old),
+            ):
+                keys = ({"key": k} for k in res.appdb.iter_keys(t, template, loc.prefix))
+                listing = _listing(client, loc.bucket, loc.prefix)
+                for row, obj in merge_by_key(keys, "key", listing):
+                    if obj is None:
+                        result.add(
+                            f"app row points at a {side} key that does not exist",
+                            f"{t.name}: {template.render(row['key'])}",
+                        )
     for batch in ledger.iter_rows():
         for r in batch:
             if r["state"] not in (State.DONE.value, State.SKIPPED.value):
                 result.add(f"not done ({r['state']})", r["source_key"])
         if res.appdb is not None:
             migrated = [
-                r["source_key"]
+                (r["source_key"], r["dest_key"])
                 for r in batch
                 if r["state"] in (State.REWRITTEN.value, State.DONE.value)
             ]
-            for key in res.appdb.still_pointing(migrated):
-                result.add("app row still points at a migrated source key", key)
+            for t, value, _ in res.appdb.pointing(migrated):
+                result.add("app row still points at a migrated source key", f"{t.name}: {value}")
     return result

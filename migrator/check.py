@@ -245,29 +245,41 @@ def _index_of(engine: sa.Engine, table: sa.Table, column: str) -> str | None:
 def _app_items(cfg: Config) -> list[Item]:
     if cfg.app_db is None:
         return [Item("app database", "skip", "no app_db: nothing to rewrite")]
-    name = f"{cfg.app_db.table}.{cfg.app_db.column}"
+    names = ", ".join(dict.fromkeys(t.name for t in cfg.app_db.all_targets))
     try:
         app = AppDatabase(cfg.app_db)
     except MigratorError as exc:
         return [Item("app database", "fail", str(exc))]
+    indexes: dict[str, str | None] = {}
     try:
-        index = _index_of(app.engine, app.table, cfg.app_db.column)
+        for t in app.targets:
+            indexes[t.name] = _index_of(app.engine, t.table, t.column.name)
     except SQLAlchemyError as exc:
-        return [Item("app database", "warn", f"{name} found; indexes unknown: {db_reason(exc)}")]
+        return [Item("app database", "warn", f"{names} found; indexes unknown: {db_reason(exc)}")]
     finally:
         app.dispose()
-    items = [Item("app database", "ok", f"{name} found in {safe_url(cfg.app_db.url)}")]
-    if index is None:
-        items.append(
-            Item(
-                "app index",
-                "warn",
-                f"no index on {name}: every rewrite batch scans the table; "
-                f"CREATE INDEX ON {cfg.app_db.table} ({cfg.app_db.column})",
+    items = [Item("app database", "ok", f"{names} found in {safe_url(cfg.app_db.url)}")]
+    mysql = make_url(cfg.app_db.url).get_backend_name() in ("mysql", "mariadb")
+    for name, index in indexes.items():
+        table, _, column = name.rpartition(".")
+        # one target keeps the plain name; several get one item each, named by their column
+        label = "app index" if len(indexes) == 1 else f"app index: {name}"
+        if index is None:
+            # InnoDB indexes at most 3,072 bytes of a value: a prefix of 768 utf8mb4 characters
+            how = (
+                f"CREATE INDEX ix_{column} ON {table} ({column}(768))"
+                if mysql
+                else f"CREATE INDEX ON {table} ({column})"
             )
-        )
-    else:
-        items.append(Item("app index", "ok", f"{name} is indexed ({index})"))
+            items.append(
+                Item(
+                    label,
+                    "warn",
+                    f"no index on {name}: every rewrite batch scans the table; {how}",
+                )
+            )
+        else:
+            items.append(Item(label, "ok", f"{name} is indexed ({index})"))
     return items
 
 
@@ -332,5 +344,5 @@ def start_checks(cfg: Config) -> list[Item]:
                 items.append(versioning)
         check.close()
     if cfg.app_db is not None:
-        items += [i for i in _app_items(cfg) if i.check == "app index"]
+        items += [i for i in _app_items(cfg) if i.check.startswith("app index")]
     return items

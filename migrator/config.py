@@ -21,6 +21,8 @@ ENV_LEDGER = "MIGRATOR_LEDGER"
 ENV_APP_DB_URL = "MIGRATOR_APP_DB_URL"
 MAX_CONFIG_BYTES = 1_000_000
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+KEY_FIELD = "{key}"
+MAX_TEMPLATE_CHARS = 1000
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -67,18 +69,138 @@ class Location(_Strict):
         return v
 
 
-class AppDB(_Strict):
-    """The application table whose column holds object keys."""
+class Template(str):
+    """An app value template: how a key appears in an app column, e.g.
+    ``https://legacy.s3.amazonaws.com/{key}``. Rendered by splitting around its one ``{key}``,
+    never with ``str.format``, so the rest of the template is plain text."""
 
-    url: str
+    @property
+    def head(self) -> str:
+        return self.split(KEY_FIELD, 1)[0]
+
+    @property
+    def tail(self) -> str:
+        return self.split(KEY_FIELD, 1)[1]
+
+    def render(self, key: str) -> str:
+        return self.head + key + self.tail
+
+    def key_of(self, value: str) -> str | None:
+        """The key a value holds under this template, or None if the value does not fit."""
+        head, tail = self.head, self.tail
+        if len(value) < len(head) + len(tail) or not value.startswith(head):
+            return None
+        if not value.endswith(tail):
+            return None
+        return value[len(head) : len(value) - len(tail)]
+
+
+def _template(v: str) -> Template:
+    """Exactly one ``{key}`` and no other braces: a typo such as ``{kye}`` or ``{key}{key}``
+    is refused at load rather than found as rows that never match."""
+    if v.count(KEY_FIELD) != 1:
+        raise ValueError(
+            f"{_short(v)} must contain {KEY_FIELD} exactly once, e.g. "
+            "'https://legacy.s3.amazonaws.com/{key}'"
+        )
+    rest = v.replace(KEY_FIELD, "")
+    if "{" in rest or "}" in rest:
+        raise ValueError(f"{_short(v)} may contain no braces other than {KEY_FIELD}")
+    if "\n" in v or "\r" in v:
+        raise ValueError(f"{_short(v)} must be one line")
+    if len(v) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"{_short(v)} is longer than {MAX_TEMPLATE_CHARS} characters")
+    return Template(v)
+
+
+class AppTarget(_Strict):
+    """One table and column whose values point at objects, and how a key appears there."""
+
     table: str = Field(min_length=1)
     column: str = Field(min_length=1)
+    value: str = KEY_FIELD
+    new_value: str | None = None
+
+    @field_validator("value", "new_value")
+    @classmethod
+    def _templates(cls, v: str | None) -> str | None:
+        return None if v is None else _template(v)
+
+    @property
+    def old(self) -> Template:
+        """The template of values pointing at a source key."""
+        return Template(self.value)
+
+    @property
+    def new(self) -> Template:
+        """The template of values pointing at a destination key (``new_value``, else ``value``)."""
+        return Template(self.new_value if self.new_value is not None else self.value)
+
+    @property
+    def name(self) -> str:
+        return f"{self.table}.{self.column}"
+
+
+class AppDB(_Strict):
+    """The application database and the columns in it that hold object keys: one ``table`` and
+    ``column`` (the fixed contract's form) or a list of ``targets``."""
+
+    url: str
+    table: str | None = Field(default=None, min_length=1)
+    column: str | None = Field(default=None, min_length=1)
+    value: str | None = None
+    new_value: str | None = None
+    targets: tuple[AppTarget, ...] = ()
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        _parse_db_url(v, ("sqlite", "postgresql"))
+        url = _parse_db_url(v, ("sqlite", "postgresql", "mysql", "mariadb"))
+        if url.get_backend_name() in ("mysql", "mariadb") and url.get_driver_name() != "pymysql":
+            raise ValueError(
+                f"driver {url.get_driver_name()!r} is not supported for MySQL/MariaDB; use "
+                "mysql+pymysql://user@host/db"
+            )
         return v
+
+    @field_validator("value", "new_value")
+    @classmethod
+    def _templates(cls, v: str | None) -> str | None:
+        return None if v is None else _template(v)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> AppDB:
+        single = (self.table, self.column, self.value, self.new_value)
+        if self.targets:
+            if any(x is not None for x in single):
+                raise ValueError(
+                    "give table and column (one target) or targets (a list), not both; "
+                    "value and new_value then go in each target"
+                )
+        elif self.table is None or self.column is None:
+            missing = "table" if self.table is None else "column"
+            raise ValueError(f"{missing} is required (or give targets: a list of table/column)")
+        seen: set[tuple[str, str, str]] = set()
+        for t in self.all_targets:
+            if (t.table, t.column, t.value) in seen:
+                raise ValueError(
+                    f"{t.name} with value {_short(t.value)} is listed twice; list each once"
+                )
+            seen.add((t.table, t.column, t.value))
+        return self
+
+    @property
+    def all_targets(self) -> tuple[AppTarget, ...]:
+        """Every column to rewrite; the single ``table``/``column`` form is one target."""
+        if self.targets:
+            return self.targets
+        assert self.table is not None and self.column is not None
+        one = {"table": self.table, "column": self.column}
+        if self.value is not None:
+            one["value"] = self.value
+        if self.new_value is not None:
+            one["new_value"] = self.new_value
+        return (AppTarget(**one),)
 
 
 class Keys(_Strict):
@@ -220,6 +342,29 @@ class Config(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _app_values_apart(self) -> Config:
+        """No app value may be both an old value (a source key through ``value``) and a new one
+        (a destination key through ``new_value``) of the same column: a later chunk would take
+        a rewritten row for one still pointing at its source and rewrite it again. Judged on
+        the literal start of the values, so a refusal may be cautious, never a miss."""
+        if self.app_db is None:
+            return self
+        targets = self.app_db.all_targets
+        for a in targets:
+            for b in targets:
+                if (a.table, a.column) != (b.table, b.column) or (a is b and a.old == a.new):
+                    continue  # the same template both ways: today's bare-key rule applies
+                old = a.old.head + self.source.prefix
+                new = b.new.head + self.destination.prefix
+                if prefixes_overlap(old, new):
+                    raise ValueError(
+                        f"app_db: {a.name}: old values starting {_short(old)} and new values "
+                        f"starting {_short(new)} could be the same text; choose value and "
+                        "new_value templates that tell them apart"
+                    )
+        return self
+
     @property
     def key_rule(self) -> KeyRule:
         """The job's key selection and mapping (``migrator.keys.KeyRule``)."""
@@ -277,6 +422,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
 def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Config
     for part in loc:
+        if isinstance(part, int):  # an item of a list, e.g. app_db.targets.0
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []
@@ -342,7 +489,8 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     if env.get(ENV_APP_DB_URL):
         if not isinstance(raw.get("app_db"), dict):
             raise ConfigError(
-                f"{ENV_APP_DB_URL} is set but {p} has no app_db section (table, column)"
+                f"{ENV_APP_DB_URL} is set but {p} has no app_db section "
+                "(table and column, or targets)"
             )
         raw["app_db"] = {**raw["app_db"], "url": env[ENV_APP_DB_URL]}
     raw["ledger"] = _anchor_sqlite(raw.get("ledger", "sqlite:///migrator.db"), p.parent)

@@ -48,7 +48,7 @@ def preview(
     p = Preview()
     for page in client.list_pages(cfg.source.bucket, cfg.source.prefix):
         states = ledger.states_of([o.key for o in page]) if ledger is not None else {}
-        rewrite: list[str] = []
+        rewrite: list[tuple[str, str]] = []
         for o in page:
             p.listed += 1
             try:
@@ -66,7 +66,7 @@ def preview(
                 if len(p.examples) < EXAMPLES:
                     p.examples.append((o.key, dest))
             if state in _NEEDS_REWRITE:
-                rewrite.append(o.key)
+                rewrite.append((o.key, dest))
             if (
                 state not in (State.DONE.value, State.SKIPPED.value)
                 and cfg.delete_source != "never"
@@ -107,7 +107,8 @@ def dry_run(cfg: Config, out: Console) -> Preview:
     )
     if cfg.app_db is not None:
         out.print(
-            f"  would rewrite  {p.rewrite_rows:,} rows of {cfg.app_db.table}.{cfg.app_db.column} "
+            f"  would rewrite  {p.rewrite_rows:,} rows of "
+            f"{', '.join(dict.fromkeys(t.name for t in cfg.app_db.all_targets))} "
             f"(for {p.rewrite_keys:,} objects)",
             highlight=False,
         )

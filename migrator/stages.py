@@ -343,7 +343,7 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
         return []
     if ctx.appdb is not None:
         try:
-            _recheck_app_rows(ctx, todo)
+            todo = _recheck_app_rows(ctx, todo)
         except SQLAlchemyError as exc:
             _app_db_failed(ctx, todo, Stage.DELETE, f"delete guard: {db_reason(exc)}")
             return []
@@ -363,10 +363,23 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
     return [dataclasses.replace(r, state=State.DONE) for r in done]
 
 
-def _recheck_app_rows(ctx: ChunkContext, rows: list[ObjectRow]) -> None:
-    """I1's last line of defence: rows written with an old key since the rewrite (an app still
-    writing old paths) are rewritten again before their source may go."""
+def _recheck_app_rows(ctx: ChunkContext, rows: list[ObjectRow]) -> list[ObjectRow]:
+    """I1's last line of defence: rows written with an old value since the rewrite (an app
+    still writing old paths) are rewritten again before their source may go; a source whose
+    rows still point at it after that (the rewrite missed them) is not deleted, and its row
+    gets a failed attempt. Returns the rows whose sources may be deleted."""
     assert ctx.appdb is not None
-    left = set(ctx.appdb.still_pointing([r.source_key for r in rows]))
-    if left:
-        ctx.appdb.rewrite([(r.source_key, r.dest_key) for r in rows if r.source_key in left])
+    pairs = [(r.source_key, r.dest_key) for r in rows]
+    left = set(ctx.appdb.still_pointing(pairs))
+    if not left:
+        return rows
+    ctx.appdb.rewrite([p for p in pairs if p[0] in left])
+    stuck = set(ctx.appdb.still_pointing([p for p in pairs if p[0] in left]))
+    if stuck:
+        _app_db_failed(
+            ctx,
+            [r for r in rows if r.source_key in stuck],
+            Stage.DELETE,
+            "delete guard: app rows still point at the source after a rewrite",
+        )
+    return [r for r in rows if r.source_key not in stuck]

@@ -19,12 +19,13 @@ import click
 import sqlalchemy as sa
 from botocore.exceptions import BotoCoreError, ClientError
 
-from migrator.config import Config, Location, load_config
+from migrator.config import KEY_FIELD, Config, Location, Template, load_config
 from migrator.errors import MigratorError, db_reason, redact
 from migrator.storage.s3 import ClientFactory
 from seed.data import SeedObject, seed_object
 
 UPLOAD_THREADS = 32
+BARE_KEY = Template(KEY_FIELD)
 
 
 def create_bucket(client: Any, loc: Location) -> None:
@@ -83,9 +84,12 @@ def upload_all(location: Location, count: int, size: int, processes: int) -> Non
             f.result()
 
 
-def app_rows(objects: list[SeedObject], column: str) -> list[dict[str, Any]]:
-    """One row per object, then rows that must not be touched by the migration."""
-    rows = [{"user_id": o.user_id, column: o.key} for o in objects]
+def app_rows(
+    objects: list[SeedObject], column: str, value: Template = BARE_KEY
+) -> list[dict[str, Any]]:
+    """One row per object (its key through the ``value`` template), then rows that must not
+    be touched by the migration."""
+    rows = [{"user_id": o.user_id, column: value.render(o.key)} for o in objects]
     extra = max(3, len(objects) // 10)
     for i in range(extra):
         rows.append({"user_id": 900_000 + i, column: f"banner/{i:06d}.png"})
@@ -95,29 +99,34 @@ def app_rows(objects: list[SeedObject], column: str) -> list[dict[str, Any]]:
 
 
 def seed_app_db(cfg: Config, objects: list[SeedObject], replace: bool) -> int:
+    """Create the first app_db target's table with one row per object (see ``app_rows``)."""
     assert cfg.app_db is not None
+    target = cfg.app_db.all_targets[0]
     engine = sa.create_engine(cfg.app_db.url)
-    schema, _, name = cfg.app_db.table.rpartition(".")
+    schema, _, name = target.table.rpartition(".")
     table = sa.Table(
         name,
         sa.MetaData(),
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
         sa.Column("user_id", sa.Integer, nullable=False),
-        sa.Column(cfg.app_db.column, sa.String(1024), nullable=True, index=True),
+        sa.Column(target.column, sa.String(1024), nullable=True),
         schema=schema or None,
+        # InnoDB indexes at most 3,072 bytes: 768 utf8mb4 characters, enough to find a key.
+        mysql_charset="utf8mb4",
     )
+    sa.Index(f"ix_{name}_{target.column}", table.c[target.column], mysql_length=768)
     try:
         with engine.begin() as conn:
             if sa.inspect(conn).has_table(name, schema=schema or None):
                 existing = conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()
                 if existing and not replace:
                     raise click.UsageError(
-                        f"app table {cfg.app_db.table!r} already has {existing} rows; pass "
+                        f"app table {target.table!r} already has {existing} rows; pass "
                         "--replace to drop and recreate it"
                     )
                 table.drop(conn)
             table.create(conn)
-            rows = app_rows(objects, cfg.app_db.column)
+            rows = app_rows(objects, target.column, target.old)
             conn.execute(table.insert(), rows)
     finally:
         engine.dispose()
@@ -190,7 +199,8 @@ def main(config_path: Path, count: int, size: int, processes: int, replace: bool
             click.echo(f"error: app database: {redact(reason)}", err=True)
             sys.exit(2)
         click.echo(
-            f"app table {cfg.app_db.table}: {n:,} rows ({count:,} pointing at objects, "
+            f"app table {cfg.app_db.all_targets[0].table}: {n:,} rows "
+            f"({count:,} pointing at objects, "
             f"{n - count:,} that the migration must leave alone)"
         )
 

@@ -3,7 +3,9 @@
 PostgreSQL: MIGRATOR_TEST_PG_URL if set; else a testcontainers container where a Docker engine
 answers; else the local server at 127.0.0.1:5432 (user postgres). Each test session creates its
 own databases and drops them at the end. Without a server the Postgres tests skip, unless
-MIGRATOR_REQUIRE_POSTGRES=1 (CI), which makes them fail instead. s3fast tests follow the same
+MIGRATOR_REQUIRE_POSTGRES=1 (CI), which makes them fail instead. MySQL/MariaDB (app database
+only): MIGRATOR_TEST_MYSQL_URL if set, else the local server at 127.0.0.1:3306 (user root, no
+password); tests skip without it unless MIGRATOR_REQUIRE_MYSQL=1. s3fast tests follow the same
 rule with MIGRATOR_REQUIRE_S3FAST=1.
 """
 
@@ -81,7 +83,7 @@ def _docker_available() -> bool:
         return False
 
 
-def _pg_reachable(url: str) -> str | None:
+def _db_reachable(url: str) -> str | None:
     engine = sa.create_engine(url, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as conn:
@@ -105,7 +107,7 @@ def pg_admin_url() -> Iterator[str]:
         container.start()
         url = container.get_connection_url()
     url = url or "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-    problem = _pg_reachable(url)
+    problem = _db_reachable(url)
     if problem:
         if os.environ.get("MIGRATOR_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL required (MIGRATOR_REQUIRE_POSTGRES=1) but: {problem}")
@@ -133,6 +135,58 @@ def pg_database(pg_admin_url: str) -> Iterator[Callable[[str], str]]:
         for name in created:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+# -- MySQL / MariaDB (app database only) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mysql_admin_url() -> str:
+    """URL of a MySQL/MariaDB server that tests may create databases on."""
+    url = os.environ.get("MIGRATOR_TEST_MYSQL_URL") or "mysql+pymysql://root@127.0.0.1:3306/test"
+    problem = _db_reachable(url)
+    if problem:
+        if os.environ.get("MIGRATOR_REQUIRE_MYSQL") == "1":
+            pytest.fail(f"MySQL/MariaDB required (MIGRATOR_REQUIRE_MYSQL=1) but: {problem}")
+        pytest.skip(f"no MySQL/MariaDB server: {problem}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def mysql_database(mysql_admin_url: str) -> Iterator[Callable[[str], str]]:
+    """Factory: create a fresh utf8mb4 database (the server's default collation, which ignores
+    case), return its URL; all are dropped at session end."""
+    admin = sa.create_engine(mysql_admin_url, isolation_level="AUTOCOMMIT")
+    created: list[str] = []
+
+    def make(label: str) -> str:
+        name = f"mt_{label}_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+        created.append(name)
+        return sa.engine.make_url(mysql_admin_url).set(database=name).render_as_string(False)
+
+    yield make
+    with admin.connect() as conn:
+        for name in created:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def app_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def app_url(app_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty app database on each backend an app database may be on."""
+    if app_kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'app.db'}"
+        sa.create_engine(url).connect().close()  # the file must exist
+        return url
+    fixture = "pg_database" if app_kind == "postgres" else "mysql_database"
+    return request.getfixturevalue(fixture)("app")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

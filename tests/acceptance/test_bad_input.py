@@ -124,6 +124,17 @@ def _app_db_missing_sqlite_file(data: dict[str, Any], d: Path) -> None:
     data["app_db"]["url"] = f"sqlite:///{d / 'typo-app.db'}"
 
 
+def _app_targets_second_column_missing(data: dict[str, Any], _dir: Path) -> None:
+    url = data["app_db"]["url"]
+    data["app_db"] = {
+        "url": url,
+        "targets": [
+            {"table": "avatars", "column": "path"},
+            {"table": "avatars", "column": "no_such_column", "value": "https://x.example/{key}"},
+        ],
+    }
+
+
 # Rejected by config validation: the command does not matter, `run` stands for all.
 CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
     ("invalid-config", _set(None, workers=0), ("workers", "greater than or equal to 1")),
@@ -136,6 +147,16 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         "threshold-above-5-gib",
         _set(None, multipart_threshold=5 * 1024**3 + 1),
         ("multipart_threshold", "one CopyObject copies at most 5 GiB"),
+    ),
+    (
+        "app-value-without-key",
+        _set("app_db", value="https://legacy.s3.amazonaws.com/"),
+        ("app_db.value", "must contain {key} exactly once"),
+    ),
+    (
+        "app-targets-and-table",
+        _set("app_db", targets=[{"table": "avatars", "column": "path"}]),
+        ("app_db", "not both"),
     ),
     ("destination-inside-source", _dest_inside_source, ("overlaps source prefix",)),
     ("source-inside-destination", _source_inside_dest, ("overlaps source prefix",)),
@@ -176,6 +197,11 @@ PREFLIGHT_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         "missing-app-column",
         _set("app_db", column="no_such_column"),
         ("'no_such_column'", "does not exist in table"),
+    ),
+    (
+        "missing-column-in-second-target",
+        _app_targets_second_column_missing,
+        ("app_db.targets[1].column 'no_such_column'", "does not exist in table"),
     ),
     ("app-db-unreachable", _app_db_closed_port, ("app database", "not reachable")),
     ("app-db-file-missing", _app_db_missing_sqlite_file, ("app_db.url", "does not exist")),
@@ -394,3 +420,22 @@ def test_secret_never_in_output_of_a_failing_copy_with_verbose_logging(
     assert ledger_files, "the ledger should exist after plan and run"
     for path in ledger_files:  # nor in any ledger row
         assert AWS_SECRET.encode() not in path.read_bytes()
+
+
+def test_bad_app_column_on_mysql_writes_nothing(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, mysql_database: Callable[[str], str]
+) -> None:
+    """The seeder creates the app table on MariaDB; reflection there refuses a wrong column."""
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=f"sqlite:///{tmp_path / 'ledger.db'}",
+        app=mysql_database("app"),
+        count=3,
+    )
+    edit_config(job, _set("app_db", column="no_such_column"))
+    before = snapshot(job)
+    proc = run_cli("run", "--config", str(job.config_path), cwd=job.dir, timeout=120)
+    assert_rejected(proc, says=("'no_such_column'", "does not exist in table"))
+    assert_nothing_written(job, before, tmp_path / "ledger.db")

@@ -5,10 +5,12 @@ real databases: the checklist finds what is wrong, its probes leave nothing behi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import yaml
 
 from tests.helpers import Job, app_paths, list_keys, make_job, run_cli, sqlite_job, write_config
 
@@ -201,3 +203,40 @@ def test_on_aws_the_credentials_are_validated_by_sts(
     assert items["source: credentials"]["status"] == "ok"
     assert detail.startswith("valid (env): account 123456789012, arn:aws:"), detail
     assert items["destination: write"]["status"] == "ok"  # S3 went to moto too
+
+
+def test_check_on_mysql_with_several_targets_names_each_index(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, mysql_database: Callable[[str], str]
+) -> None:
+    """The seeder's avatars.path is indexed (a 768-character prefix); profiles.url is not."""
+    url = mysql_database("app")
+    job = make_job(
+        tmp_path, moto_s3, moto_endpoint, ledger=f"sqlite:///{tmp_path / 'l.db'}", app=url, count=2
+    )
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE profiles (id INT PRIMARY KEY, url VARCHAR(1024))"))
+    engine.dispose()
+    data = yaml.safe_load(job.config_path.read_text())
+    data["app_db"] = {
+        "url": url,
+        "targets": [
+            {"table": "avatars", "column": "path"},
+            {"table": "profiles", "column": "url", "value": "https://legacy.example.com/{key}"},
+        ],
+    }
+    write_config(job.config_path, data)
+
+    proc, items = check(job)
+
+    assert proc.returncode == 0, proc.stderr
+    assert items["app database"]["status"] == "ok"
+    assert (
+        "avatars.path, profiles.url found in mysql+pymysql://root@"
+        in (items["app database"]["detail"])
+    )
+    assert items["app index: avatars.path"]["status"] == "ok"
+    assert items["app index: profiles.url"]["status"] == "warn"
+    assert (
+        "CREATE INDEX ix_url ON profiles (url(768))" in items["app index: profiles.url"]["detail"]
+    )

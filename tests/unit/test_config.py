@@ -144,7 +144,7 @@ def test_missing_nested_bucket(tmp_path: Path) -> None:
 
 def test_missing_app_db_column(tmp_path: Path) -> None:
     (line,) = problems(write(tmp_path, mutated(lambda d: d["app_db"].pop("column"))))
-    assert line.endswith(": app_db.column: is required")
+    assert ": app_db: column is required (or give targets" in line
 
 
 # -- unknown keys and credentials ----------------------------------------------------------
@@ -250,6 +250,90 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         lambda d: d["app_db"].update(table=""),
         "app_db.table",
         "at least 1 character",
+    ),
+    (
+        "app-db-mysql-without-pymysql",
+        lambda d: d["app_db"].update(url="mysql://u@h/app"),
+        "app_db.url",
+        "use mysql+pymysql://user@host/db",
+    ),
+    (
+        "app-value-without-key",
+        lambda d: d["app_db"].update(value="https://legacy.s3.amazonaws.com/"),
+        "app_db.value",
+        "must contain {key} exactly once",
+    ),
+    (
+        "app-value-key-twice",
+        lambda d: d["app_db"].update(new_value="{key}?{key}"),
+        "app_db.new_value",
+        "must contain {key} exactly once",
+    ),
+    (
+        "app-value-other-field",
+        lambda d: d["app_db"].update(value="https://{bucket}.s3.amazonaws.com/{key}"),
+        "app_db.value",
+        "no braces other than {key}",
+    ),
+    (
+        "app-value-typo",
+        lambda d: d["app_db"].update(value="https://cdn/{kye}"),
+        "app_db.value",
+        "exactly once",
+    ),
+    (
+        "app-value-too-long",
+        lambda d: d["app_db"].update(value="x" * 1000 + "{key}"),
+        "app_db.value",
+        "longer than 1000 characters",
+    ),
+    (
+        "app-targets-and-table",
+        lambda d: d["app_db"].update(targets=[{"table": "t", "column": "c"}]),
+        "app_db",
+        "give table and column (one target) or targets (a list), not both",
+    ),
+    (
+        "app-target-without-column",
+        lambda d: d.update(app_db={"url": "sqlite:///app.db", "targets": [{"table": "t"}]}),
+        "app_db.targets.0.column",
+        "is required",
+    ),
+    (
+        "app-target-unknown-key",
+        lambda d: d.update(
+            app_db={
+                "url": "sqlite:///a.db",
+                "targets": [{"table": "t", "column": "c", "vlaue": "x"}],
+            }
+        ),
+        "app_db.targets.0.vlaue",
+        "did you mean 'value'?",
+    ),
+    (
+        "app-target-bad-template",
+        lambda d: d.update(
+            app_db={
+                "url": "sqlite:///app.db",
+                "targets": [{"table": "t", "column": "c", "new_value": "https://cdn/"}],
+            }
+        ),
+        "app_db.targets.0.new_value",
+        "exactly once",
+    ),
+    (
+        "app-targets-twice",
+        lambda d: d.update(
+            app_db={"url": "sqlite:///app.db", "targets": [{"table": "t", "column": "c"}] * 2}
+        ),
+        "app_db",
+        "t.c with value '{key}' is listed twice",
+    ),
+    (
+        "app-new-values-look-like-old-ones",
+        lambda d: d["app_db"].update(new_value="image/{key}"),
+        "(top level)",
+        "could be the same text",
     ),
     (
         "delete-source",
@@ -499,3 +583,58 @@ def test_redact_masks_aws_credentials_from_the_environment(
 def test_redact_leaves_very_short_env_values_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")  # masking "x" would garble every message
     assert redact("x marks the spot") == "x marks the spot"
+
+
+# -- app_db: value templates, targets, MySQL ----------------------------------------------
+
+
+def test_app_db_single_form_is_one_target_with_bare_keys(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, base()), env={})
+    assert cfg.app_db is not None
+    (t,) = cfg.app_db.all_targets
+    assert (t.table, t.column, t.old, t.new) == ("avatars", "path", "{key}", "{key}")
+    assert t.old.render("image/1.png") == "image/1.png"
+
+
+def test_app_db_templates_and_targets(tmp_path: Path) -> None:
+    data = base()
+    data["app_db"] = {
+        "url": "mysql+pymysql://root@127.0.0.1:3306/app",
+        "targets": [
+            {"table": "avatars", "column": "path"},
+            {
+                "table": "avatars",
+                "column": "path",
+                "value": "https://legacy.s3.amazonaws.com/{key}",
+                "new_value": "https://cdn.example.com/{key}",
+            },
+            {"table": "shop.products", "column": "image_url", "value": "/media/{key}?v=1"},
+        ],
+    }
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.app_db is not None
+    bare, url, media = cfg.app_db.all_targets
+    assert bare.old.render("image/1.png") == "image/1.png"
+    assert url.old.render("image/1.png") == "https://legacy.s3.amazonaws.com/image/1.png"
+    assert url.new.render("avatar/1.png") == "https://cdn.example.com/avatar/1.png"
+    # new_value defaults to value: the same text around another key
+    assert media.new.render("avatar/1.png") == "/media/avatar/1.png?v=1"
+    assert media.old.key_of("/media/image/1.png?v=1") == "image/1.png"
+    assert media.old.key_of("/media/image/1.png") is None
+
+
+def test_single_form_takes_templates_too(tmp_path: Path) -> None:
+    data = base()
+    data["app_db"]["value"] = "s3://legacy/{key}"
+    data["app_db"]["new_value"] = "s3://production/{key}"
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.app_db is not None
+    (t,) = cfg.app_db.all_targets
+    assert (t.old, t.new) == ("s3://legacy/{key}", "s3://production/{key}")
+
+
+def test_mysql_app_db_password_never_shows(tmp_path: Path) -> None:
+    data = base()
+    data["app_db"]["url"] = f"mysql://root:{PASSWORD}@db.example.com/app"
+    (line,) = problems(write(tmp_path, data))
+    assert PASSWORD not in line and "mysql+pymysql://" in line
