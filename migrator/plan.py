@@ -95,7 +95,9 @@ def plan_pages(
         if stop is not None and stop():
             return totals
         planned, left_out = plan_page(rule, page, totals)
-        result = ledger.upsert_page(planned, left_out, replan=replan)
+        result = ledger.upsert_page(
+            planned, left_out, replan=replan, sources_deleted=cfg.delete_source != "never"
+        )
         totals.listed += len(page)
         totals.added += result.added
         totals.reset += result.reset

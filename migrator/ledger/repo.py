@@ -277,14 +277,26 @@ class Ledger:
 
     # -- plan -----------------------------------------------------------------------------
     def upsert_page(
-        self, page: Sequence[Planned], dropped: Sequence[str] = (), *, replan: bool = False
+        self,
+        page: Sequence[Planned],
+        dropped: Sequence[str] = (),
+        *,
+        replan: bool = False,
+        sources_deleted: bool = False,
     ) -> PlanResult:
         """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
 
         One transaction: an insert that skips keys already there, then — only when some
-        were — an update of the rows whose ETag changed (unless done; the lease is cleared,
-        ``dest_etag`` kept). A fresh job costs one statement per page; a re-plan up to two
-        more (below).
+        were — an update of the rows whose ETag changed (the lease is cleared, ``dest_etag``
+        kept). A fresh job costs one statement per page; a re-plan up to two more (below).
+
+        A ``done`` row is reset too when its key is listed with another ETag: the object at
+        the source is not the one migrated (overwritten under ``delete_source: never``, or
+        uploaded again after its delete), and in a live bucket it must move as well. When
+        the job deletes its sources (``sources_deleted``), a listed ``done`` key is reset
+        even with the same ETag: its source was deleted, so it was uploaded again, and app
+        rows may point at it again. The copy then finds the destination written by this job
+        (``dest_etag``) and overwrites it or accepts it as is; I1 holds as for any row.
 
         On a re-plan (``replan``: the job had rows before this plan), rows never copied
         (``pending`` with no ``dest_etag``) and held by no worker (its copy may be in flight)
@@ -307,11 +319,23 @@ class Ledger:
                 with self.engine.begin() as conn:
                     if conn.dialect.name == "postgresql":
                         added, reset, remapped, gone = _upsert_page_postgres(
-                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                            conn,
+                            self.job,
+                            page,
+                            dropped if replan else (),
+                            now,
+                            replan=replan,
+                            sources_deleted=sources_deleted,
                         )
                     else:
                         added, reset, remapped, gone = _upsert_page_sqlite(
-                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                            conn,
+                            self.job,
+                            page,
+                            dropped if replan else (),
+                            now,
+                            replan=replan,
+                            sources_deleted=sources_deleted,
                         )
             except IntegrityError:
                 clash = self._dest_clash(page)
@@ -840,7 +864,8 @@ SET etag = v.etag, size = v.size, last_modified = v.last_modified, state = :pend
 FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
             CAST(:mtimes AS timestamp[]))
      AS v(source_key, etag, size, last_modified)
-WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.state <> :done
+WHERE o.job = :job AND o.source_key = v.source_key
+  AND (o.etag <> v.etag OR (o.state = :done AND CAST(:relisted AS boolean)))
 """
 )
 
@@ -889,6 +914,7 @@ def _upsert_page_postgres(
     now: datetime,
     *,
     replan: bool,
+    sources_deleted: bool,
 ) -> tuple[int, int, int, int]:
     """The page as five array parameters (``unnest``): one short statement per page, no
     per-row statement, placeholder or round trip. Returns (added, reset, remapped, dropped)."""
@@ -917,7 +943,9 @@ def _upsert_page_postgres(
     added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": dests}).rowcount
     if added == len(page):
         return added - remapped, 0, remapped, gone
-    reset = conn.execute(_PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value})
+    reset = conn.execute(
+        _PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value, "relisted": sources_deleted}
+    )
     return added - remapped, reset.rowcount, remapped, gone
 
 
@@ -930,7 +958,7 @@ _PLAN_RESET_SQLITE = (
     "UPDATE migrator_objects SET etag = ?, size = ?, last_modified = ?, state = 'pending', "
     "attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL, "
     "lease_expires = NULL, updated_at = ? "
-    "WHERE job = ? AND source_key = ? AND etag <> ? AND state <> 'done'"
+    "WHERE job = ? AND source_key = ? AND (etag <> ? OR (state = 'done' AND ?))"
 )
 
 _PLAN_REMAP_SQLITE = (  # see _PLAN_REMAP_POSTGRES
@@ -952,6 +980,7 @@ def _upsert_page_sqlite(
     now: datetime,
     *,
     replan: bool,
+    sources_deleted: bool,
 ) -> tuple[int, int, int, int]:
     """SQLite: one prepared statement run over tuples (the driver's executemany); datetimes
     stored in SQLAlchemy's text format so that queries compare them correctly."""
@@ -981,7 +1010,7 @@ def _upsert_page_sqlite(
     reset = conn.exec_driver_sql(
         _PLAN_RESET_SQLITE,
         [
-            (p.etag, p.size, m, at, job, p.source_key, p.etag)
+            (p.etag, p.size, m, at, job, p.source_key, p.etag, sources_deleted)
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount
