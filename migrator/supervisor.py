@@ -260,15 +260,20 @@ def run_until_converged(
         )
         if changes <= threshold and not left:
             console.print(f"{summary}; nothing to copy", highlight=False)
-            return _converged(cfg, n, threshold, counts, max_delete, console)
+            _converged(cfg, n, changes, threshold, console)
+            if max_delete == 0:
+                return _without_deletes(counts, console)
+            return finish_message(cfg, counts, console)
         console.print(f"{summary}; {left:,} objects to finish; copying ...", highlight=False)
         code = run_job(cfg, console=console, quiet=quiet, max_delete=max_delete)
-        if code == EXIT_FAILED_ROWS and max_delete == 0:
-            code = _clean_without_deletes(cfg)
+        if code == EXIT_FAILED_ROWS and max_delete == 0:  # it exits 1 while deletes wait
+            counts = _job_counts(cfg)
+            code = EXIT_FAILED_ROWS if _unfinished(counts, 0) else EXIT_OK
         if code != EXIT_OK:
             return code
         if changes <= threshold:
-            return _converged(cfg, n, threshold, None, max_delete, console)
+            _converged(cfg, n, changes, threshold, console)
+            return _without_deletes(_job_counts(cfg), console) if max_delete == 0 else EXIT_OK
     console.print(
         f"{cfg.job}: not converged after {max_passes} passes: every pass still found more "
         f"than {threshold:,} changes. Stop the writers (or raise --max-passes) and run again.",
@@ -285,40 +290,33 @@ def _unfinished(counts: dict[str, int], max_delete: int | None) -> int:
     return sum(n for state, n in counts.items() if state not in settled)
 
 
-def _clean_without_deletes(cfg: Config) -> int:
-    """A run under ``--max-delete 0`` exits 1 while rewritten rows wait for their delete;
-    for the loop that pass ended cleanly when nothing else is left."""
+def _job_counts(cfg: Config) -> dict[str, int]:
     engine = open_ledger(cfg.ledger)
     try:
-        left = _unfinished(Ledger(engine, cfg.job).counts(), 0)
+        return Ledger(engine, cfg.job).counts()
     finally:
         engine.dispose()
-    return EXIT_OK if not left else EXIT_FAILED_ROWS
 
 
-def _converged(
-    cfg: Config,
-    passes: int,
-    threshold: int,
-    counts: dict[str, int] | None,
-    max_delete: int | None,
-    console: Console,
-) -> int:
+def _converged(cfg: Config, passes: int, changes: int, threshold: int, console: Console) -> None:
     console.print(
-        f"{cfg.job}: converged after {passes} pass{'es' if passes > 1 else ''} "
-        f"(the last plan found at most {threshold:,} changes)",
+        f"{cfg.job}: converged after {passes} pass{'es' if passes > 1 else ''} (its plan "
+        f"found {changes:,} changes; --until-converged {threshold:,})",
         highlight=False,
     )
-    if max_delete == 0:
-        console.print(
-            "sources are not deleted (--max-delete 0); once the switch is verified, "
-            "`migrator run` deletes them",
-            highlight=False,
-        )
-        return EXIT_FAILED_ROWS
-    if counts is not None:
-        return finish_message(cfg, counts, console)
-    return EXIT_OK
+
+
+def _without_deletes(counts: dict[str, int], console: Console) -> int:
+    """The end under ``--max-delete 0``: exit 1 as long as sources wait for their delete,
+    like ``run --max-delete 0``."""
+    if not counts.get(State.REWRITTEN.value):
+        return EXIT_OK
+    console.print(
+        f"{counts[State.REWRITTEN.value]:,} sources are not deleted (--max-delete 0); once the "
+        "switch is verified, `migrator run` deletes them",
+        highlight=False,
+    )
+    return EXIT_FAILED_ROWS
 
 
 def _supervise(

@@ -216,7 +216,7 @@ def test_until_converged_with_max_delete_0_keeps_sources_then_run_deletes(
     )
     text = out.getvalue()
     assert code == 1, text
-    assert "converged after 3 passes" in text and "sources are not deleted" in text
+    assert "converged after 3 passes" in text and "9 sources are not deleted" in text
     assert list_keys(moto_s3, job.cfg.source.bucket) == {o.key for o in job.objects}
     for obj in job.objects:
         assert read(moto_s3, job.cfg.destination.bucket, job.dest_key(obj.key)) == obj.body
