@@ -855,17 +855,28 @@ ON CONFLICT (job, source_key) DO NOTHING
 """
 )
 
+# The rows to reset are locked first, skipping any that a worker's statement holds at this
+# instant: the re-plan then never waits for a worker, so it cannot close a deadlock cycle
+# (workers lock a chunk's rows in their own order; since done rows are reset too, a re-plan
+# meets rows a worker is finishing). A skipped row keeps its old ETag until the next re-plan;
+# a copy of it fails its CopySourceIfMatch and re-plans it anyway (I4).
 _PLAN_RESET_POSTGRES = sa.text(
     """
 UPDATE migrator_objects AS o
-SET etag = v.etag, size = v.size, last_modified = v.last_modified, state = :pending,
+SET etag = p.etag, size = p.size, last_modified = p.last_modified, state = :pending,
     attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL,
     lease_expires = NULL, updated_at = :now
-FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
-            CAST(:mtimes AS timestamp[]))
-     AS v(source_key, etag, size, last_modified)
-WHERE o.job = :job AND o.source_key = v.source_key
-  AND (o.etag <> v.etag OR (o.state = :done AND CAST(:relisted AS boolean)))
+FROM (
+    SELECT r.id, v.etag, v.size, v.last_modified
+    FROM migrator_objects AS r
+    JOIN unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
+                CAST(:mtimes AS timestamp[])) AS v(source_key, etag, size, last_modified)
+      ON r.source_key = v.source_key
+    WHERE r.job = :job
+      AND (r.etag <> v.etag OR (r.state = :done AND CAST(:relisted AS boolean)))
+    FOR UPDATE OF r SKIP LOCKED
+) AS p
+WHERE o.id = p.id
 """
 )
 
