@@ -133,10 +133,12 @@ def main(verbose: int) -> None:
 def plan(config_path: Path, inventory: str | None) -> None:
     """List the source prefix into the ledger (idempotent, delta-aware).
 
-    New objects are added, changed ones (ETag differs) go back to pending, finished ones are
-    kept. With --from-inventory the objects come from an S3 Inventory report instead of
-    ListObjectsV2 (for buckets too large to list); objects written after the report are not
-    in it: see docs/operations.md.
+    New objects are added, changed ones (ETag differs) go back to pending — done ones too, and
+    under a deleting policy any done key listed again (its source was deleted, so it is a new
+    upload) — the rest are kept (docs/cutover.md). With --from-inventory the objects come from
+    an S3 Inventory report instead of ListObjectsV2 (for buckets too large to list); objects
+    written after the report are not in it, and done rows are left alone: see
+    docs/operations.md.
 
     \b
     Examples:
