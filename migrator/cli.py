@@ -133,10 +133,12 @@ def main(verbose: int) -> None:
 def plan(config_path: Path, inventory: str | None) -> None:
     """List the source prefix into the ledger (idempotent, delta-aware).
 
-    New objects are added, changed ones (ETag differs) go back to pending, finished ones are
-    kept. With --from-inventory the objects come from an S3 Inventory report instead of
-    ListObjectsV2 (for buckets too large to list); objects written after the report are not
-    in it: see docs/operations.md.
+    New objects are added, changed ones (ETag differs) go back to pending — done ones too, and
+    under a deleting policy any done key listed again (its source was deleted, so it is a new
+    upload) — the rest are kept (docs/cutover.md). With --from-inventory the objects come from
+    an S3 Inventory report instead of ListObjectsV2 (for buckets too large to list); objects
+    written after the report are not in it, and done rows are left alone: see
+    docs/operations.md.
 
     \b
     Examples:
@@ -182,13 +184,60 @@ def plan(config_path: Path, inventory: str | None) -> None:
     is_flag=True,
     help="Print what would be copied, rewritten and deleted; touch nothing.",
 )
+@click.option(
+    "--until-converged",
+    "threshold",
+    type=click.IntRange(0),
+    default=None,
+    metavar="N",
+    help="Live bucket: repeat plan + run until a plan finds at most N new or changed objects "
+    "(0: none). See docs/cutover.md.",
+)
+@click.option(
+    "--max-passes",
+    type=click.IntRange(1),
+    default=None,
+    help="With --until-converged: give up (exit 1) after this many passes.  [default: 10]",
+)
 @handle_errors
-def run(config_path: Path, quiet: bool, max_delete: int | None, dry_run: bool) -> None:
+def run(
+    config_path: Path,
+    quiet: bool,
+    max_delete: int | None,
+    dry_run: bool,
+    threshold: int | None,
+    max_passes: int | None,
+) -> None:
     """Plan if needed, then copy → verify → rewrite → delete until done.
 
     Killed or interrupted, the same command continues where it stopped. Exit 0 when every
-    object is done, 1 when some failed, 130 on Ctrl-C. Example: migrator run
+    object is done, 1 when some failed, 130 on Ctrl-C.
+
+    \b
+    Examples:
+      migrator run
+      migrator run --until-converged 100          while the application still writes
+      migrator run --until-converged 0            writers stopped: the final delta
+      migrator run --until-converged 0 --max-delete 0   ... and keep every source for now
     """
+    _check_run_options(dry_run, max_delete, threshold, max_passes)
+    if threshold is not None:
+        from migrator.spawn import start_fork_server
+
+        start_fork_server()
+        cfg = _load(config_path)
+        from migrator.supervisor import run_until_converged
+
+        sys.exit(
+            run_until_converged(
+                cfg,
+                threshold=threshold,
+                max_passes=max_passes or DEFAULT_MAX_PASSES,
+                console=err_console,
+                quiet=quiet,
+                max_delete=max_delete,
+            )
+        )
     if dry_run:
         from migrator.dryrun import dry_run as preview
 
@@ -201,6 +250,31 @@ def run(config_path: Path, quiet: bool, max_delete: int | None, dry_run: bool) -
     from migrator.supervisor import run_job
 
     sys.exit(run_job(cfg, console=err_console, quiet=quiet, max_delete=max_delete))
+
+
+DEFAULT_MAX_PASSES = 10
+
+
+def _check_run_options(
+    dry_run: bool, max_delete: int | None, threshold: int | None, max_passes: int | None
+) -> None:
+    """Refuse option combinations that have no meaning, before anything is read or written."""
+    if threshold is None:
+        if max_passes is not None:
+            _fail("--max-passes needs --until-converged N", EXIT_USAGE)
+        return
+    if dry_run:
+        _fail(
+            "--dry-run previews one run; it cannot repeat: use `migrator run --dry-run` "
+            "without --until-converged",
+            EXIT_USAGE,
+        )
+    if max_delete not in (None, 0):
+        _fail(
+            "--until-converged takes --max-delete 0 only (delete nothing in any pass): a cap "
+            "of N deletes would end the first pass that reaches it",
+            EXIT_USAGE,
+        )
 
 
 def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from migrator.config import Config
 from migrator.errors import ConfigError
 from migrator.keys import KeyRule, KeyRuleError, Skip
-from migrator.ledger.repo import Ledger, Planned, collision_message
+from migrator.ledger.repo import DoneRows, Ledger, Planned, collision_message
 
 if TYPE_CHECKING:
     from migrator.storage.common import ListedObject
@@ -65,9 +65,13 @@ def plan_job(
     on_page: Callable[[PlanTotals], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> PlanTotals:
-    """Stream ``ListObjectsV2`` of the source prefix into the ledger (:func:`plan_pages`)."""
+    """Stream ``ListObjectsV2`` of the source prefix into the ledger (:func:`plan_pages`).
+    A listing shows the source as it is now, so it also revisits done rows whose key is
+    listed again (``DoneRows``; docs/cutover.md)."""
     src = cfg.source
-    return plan_pages(cfg, ledger, source_client.list_pages(src.bucket, src.prefix), on_page, stop)
+    done_rows = DoneRows.CHANGED if cfg.delete_source == "never" else DoneRows.LISTED
+    pages = source_client.list_pages(src.bucket, src.prefix)
+    return plan_pages(cfg, ledger, pages, on_page, stop, done_rows=done_rows)
 
 
 def plan_pages(
@@ -76,6 +80,8 @@ def plan_pages(
     pages: Iterable[Sequence[ListedObject]],
     on_page: Callable[[PlanTotals], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    *,
+    done_rows: DoneRows = DoneRows.KEEP,
 ) -> PlanTotals:
     """Upsert pages of the source's objects into the ledger; idempotent and delta-aware.
     Whatever produces the pages (a listing, an S3 Inventory report), re-plan semantics,
@@ -95,7 +101,7 @@ def plan_pages(
         if stop is not None and stop():
             return totals
         planned, left_out = plan_page(rule, page, totals)
-        result = ledger.upsert_page(planned, left_out, replan=replan)
+        result = ledger.upsert_page(planned, left_out, replan=replan, done_rows=done_rows)
         totals.listed += len(page)
         totals.added += result.added
         totals.reset += result.reset

@@ -31,6 +31,7 @@ from migrator.errors import (
     db_reason,
 )
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
+from migrator.ledger.tables import State
 from migrator.plan import PlanTotals, plan_job, plan_pages
 from migrator.progress import RunDisplay, Snapshot
 from migrator.spawn import start_fork_server
@@ -218,6 +219,104 @@ def run_job(
     if planner is not None and planner.error is not None:
         raise planner.error
     return code
+
+
+def run_until_converged(
+    cfg: Config,
+    *,
+    threshold: int,
+    max_passes: int,
+    console: Console | None = None,
+    quiet: bool = False,
+    max_delete: int | None = None,
+    before_plan: Callable[[int], None] | None = None,
+) -> int:
+    """``migrator run --until-converged N``: for a bucket the application still writes to.
+
+    Each pass plans (always: the listing is the only way to see what the application
+    uploaded or overwrote since the last one), then runs the job to completion. It stops
+    after a pass whose plan found at most ``threshold`` changes (new, changed or remapped
+    rows): with 0 that is a listing identical to the ledger, i.e. nothing left to move while
+    writers are stopped. A pass whose run did not end cleanly ends the loop with its exit
+    code (failed rows 1, Ctrl-C 130): another pass would not fix it. ``max_delete`` may only
+    be 0 (copy and rewrite in every pass, delete nothing). ``before_plan`` is called with the
+    pass number before each listing; tests use it to write to the bucket between passes."""
+    console = console or Console(stderr=True)
+    for n in range(1, max_passes + 1):
+        if before_plan is not None:
+            before_plan(n)
+        console.print(f"pass {n}: listing the source ...", highlight=False)
+        res = preflight(cfg)
+        try:
+            res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
+            totals = run_plan(cfg, res, console)
+            counts = res.ledger.counts()
+        finally:
+            res.close()
+        changes = totals.added + totals.reset + totals.remapped
+        left = _unfinished(counts, max_delete)
+        summary = f"pass {n}: {totals.added:,} new, {totals.reset:,} changed" + (
+            f", {totals.remapped:,} remapped" if totals.remapped else ""
+        )
+        if changes <= threshold and not left:
+            console.print(f"{summary}; nothing to copy", highlight=False)
+            _converged(cfg, n, changes, threshold, console)
+            if max_delete == 0:
+                return _without_deletes(counts, console)
+            return finish_message(cfg, counts, console)
+        console.print(f"{summary}; {left:,} objects to finish; copying ...", highlight=False)
+        code = run_job(cfg, console=console, quiet=quiet, max_delete=max_delete)
+        if code == EXIT_FAILED_ROWS and max_delete == 0:  # it exits 1 while deletes wait
+            counts = _job_counts(cfg)
+            code = EXIT_FAILED_ROWS if _unfinished(counts, 0) else EXIT_OK
+        if code != EXIT_OK:
+            return code
+        if changes <= threshold:
+            _converged(cfg, n, changes, threshold, console)
+            return _without_deletes(_job_counts(cfg), console) if max_delete == 0 else EXIT_OK
+    console.print(
+        f"{cfg.job}: not converged after {max_passes} passes: every pass still found more "
+        f"than {threshold:,} changes. Stop the writers (or raise --max-passes) and run again.",
+        highlight=False,
+    )
+    return EXIT_FAILED_ROWS
+
+
+def _unfinished(counts: dict[str, int], max_delete: int | None) -> int:
+    """Rows a run still has to move; with ``--max-delete 0`` rewritten rows are finished."""
+    settled = {State.DONE.value, State.SKIPPED.value}
+    if max_delete == 0:
+        settled.add(State.REWRITTEN.value)
+    return sum(n for state, n in counts.items() if state not in settled)
+
+
+def _job_counts(cfg: Config) -> dict[str, int]:
+    engine = open_ledger(cfg.ledger)
+    try:
+        return Ledger(engine, cfg.job).counts()
+    finally:
+        engine.dispose()
+
+
+def _converged(cfg: Config, passes: int, changes: int, threshold: int, console: Console) -> None:
+    console.print(
+        f"{cfg.job}: converged after {passes} pass{'es' if passes > 1 else ''} (its plan "
+        f"found {changes:,} changes; --until-converged {threshold:,})",
+        highlight=False,
+    )
+
+
+def _without_deletes(counts: dict[str, int], console: Console) -> int:
+    """The end under ``--max-delete 0``: exit 1 as long as sources wait for their delete,
+    like ``run --max-delete 0``."""
+    if not counts.get(State.REWRITTEN.value):
+        return EXIT_OK
+    console.print(
+        f"{counts[State.REWRITTEN.value]:,} sources are not deleted (--max-delete 0); once the "
+        "switch is verified, `migrator run` deletes them",
+        highlight=False,
+    )
+    return EXIT_FAILED_ROWS
 
 
 def _supervise(

@@ -8,6 +8,7 @@ caller still holding the lease, so a worker whose lease was taken over cannot mo
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import socket
 from collections.abc import Iterable, Iterator, Sequence
@@ -68,6 +69,14 @@ class PlanResult:
     unchanged: int
     remapped: int = 0  # never-copied rows given a new destination key by a changed rule
     dropped: int = 0  # never-copied rows removed: the rule no longer selects their key
+
+
+class DoneRows(enum.Enum):
+    """What a re-plan does with a ``done`` row whose key is in the page (docs/cutover.md)."""
+
+    KEEP = "keep"  # a snapshot (an S3 Inventory report): it may predate the migration
+    CHANGED = "changed"  # a live listing, sources kept: reset when the ETag differs
+    LISTED = "listed"  # a live listing, sources deleted: being listed means uploaded again
 
 
 _PLAN_TRIES = 3
@@ -277,14 +286,28 @@ class Ledger:
 
     # -- plan -----------------------------------------------------------------------------
     def upsert_page(
-        self, page: Sequence[Planned], dropped: Sequence[str] = (), *, replan: bool = False
+        self,
+        page: Sequence[Planned],
+        dropped: Sequence[str] = (),
+        *,
+        replan: bool = False,
+        done_rows: DoneRows = DoneRows.KEEP,
     ) -> PlanResult:
         """Add new objects, reset changed ones (ETag differs) to pending, keep the rest.
 
         One transaction: an insert that skips keys already there, then — only when some
-        were — an update of the rows whose ETag changed (unless done; the lease is cleared,
-        ``dest_etag`` kept). A fresh job costs one statement per page; a re-plan up to two
-        more (below).
+        were — an update of the rows whose ETag changed (the lease is cleared, ``dest_etag``
+        kept). A fresh job costs one statement per page; a re-plan up to two more (below).
+
+        ``done_rows`` (see ``DoneRows``) says whether a ``done`` row is reset too. From a live
+        listing (``CHANGED``, ``LISTED``) it is when its key is listed with another ETag: the
+        object at the source is not the one migrated (overwritten under ``delete_source:
+        never``, or uploaded again after its delete), and in a live bucket it must move as
+        well. When the job deletes its sources (``LISTED``), a listed ``done`` key is reset
+        even with the same ETag: its source was deleted, so it was uploaded again, and app
+        rows may point at it again. The copy then finds the destination written by this job
+        (``dest_etag``) and overwrites it or accepts it as is; I1 holds as for any row. A
+        snapshot (``KEEP``) may be older than the migration: it leaves ``done`` rows alone.
 
         On a re-plan (``replan``: the job had rows before this plan), rows never copied
         (``pending`` with no ``dest_etag``) and held by no worker (its copy may be in flight)
@@ -307,11 +330,23 @@ class Ledger:
                 with self.engine.begin() as conn:
                     if conn.dialect.name == "postgresql":
                         added, reset, remapped, gone = _upsert_page_postgres(
-                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                            conn,
+                            self.job,
+                            page,
+                            dropped if replan else (),
+                            now,
+                            replan=replan,
+                            done_rows=done_rows,
                         )
                     else:
                         added, reset, remapped, gone = _upsert_page_sqlite(
-                            conn, self.job, page, dropped if replan else (), now, replan=replan
+                            conn,
+                            self.job,
+                            page,
+                            dropped if replan else (),
+                            now,
+                            replan=replan,
+                            done_rows=done_rows,
                         )
             except IntegrityError:
                 clash = self._dest_clash(page)
@@ -831,16 +866,29 @@ ON CONFLICT (job, source_key) DO NOTHING
 """
 )
 
+# The rows to reset are locked first, skipping any that a worker's statement holds at this
+# instant: the re-plan then never waits for a worker, so it cannot close a deadlock cycle
+# (workers lock a chunk's rows in their own order; since done rows are reset too, a re-plan
+# meets rows a worker is finishing). A skipped row keeps its old ETag until the next re-plan;
+# a copy of it fails its CopySourceIfMatch and re-plans it anyway (I4).
 _PLAN_RESET_POSTGRES = sa.text(
     """
 UPDATE migrator_objects AS o
-SET etag = v.etag, size = v.size, last_modified = v.last_modified, state = :pending,
+SET etag = p.etag, size = p.size, last_modified = p.last_modified, state = :pending,
     attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL,
     lease_expires = NULL, updated_at = :now
-FROM unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
-            CAST(:mtimes AS timestamp[]))
-     AS v(source_key, etag, size, last_modified)
-WHERE o.job = :job AND o.source_key = v.source_key AND o.etag <> v.etag AND o.state <> :done
+FROM (
+    SELECT r.id, v.etag, v.size, v.last_modified
+    FROM migrator_objects AS r
+    JOIN unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
+                CAST(:mtimes AS timestamp[])) AS v(source_key, etag, size, last_modified)
+      ON r.source_key = v.source_key
+    WHERE r.job = :job
+      AND ((r.etag <> v.etag AND (r.state <> :done OR CAST(:revisit AS boolean)))
+           OR (r.state = :done AND CAST(:relisted AS boolean)))
+    FOR UPDATE OF r SKIP LOCKED
+) AS p
+WHERE o.id = p.id
 """
 )
 
@@ -889,6 +937,7 @@ def _upsert_page_postgres(
     now: datetime,
     *,
     replan: bool,
+    done_rows: DoneRows,
 ) -> tuple[int, int, int, int]:
     """The page as five array parameters (``unnest``): one short statement per page, no
     per-row statement, placeholder or round trip. Returns (added, reset, remapped, dropped)."""
@@ -917,7 +966,15 @@ def _upsert_page_postgres(
     added = conn.execute(_PLAN_INSERT_POSTGRES, {**params, "dests": dests}).rowcount
     if added == len(page):
         return added - remapped, 0, remapped, gone
-    reset = conn.execute(_PLAN_RESET_POSTGRES, {**params, "done": State.DONE.value})
+    reset = conn.execute(
+        _PLAN_RESET_POSTGRES,
+        {
+            **params,
+            "done": State.DONE.value,
+            "revisit": done_rows is not DoneRows.KEEP,
+            "relisted": done_rows is DoneRows.LISTED,
+        },
+    )
     return added - remapped, reset.rowcount, remapped, gone
 
 
@@ -930,7 +987,8 @@ _PLAN_RESET_SQLITE = (
     "UPDATE migrator_objects SET etag = ?, size = ?, last_modified = ?, state = 'pending', "
     "attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL, "
     "lease_expires = NULL, updated_at = ? "
-    "WHERE job = ? AND source_key = ? AND etag <> ? AND state <> 'done'"
+    "WHERE job = ? AND source_key = ? "
+    "AND ((etag <> ? AND (state <> 'done' OR ?)) OR (state = 'done' AND ?))"
 )
 
 _PLAN_REMAP_SQLITE = (  # see _PLAN_REMAP_POSTGRES
@@ -952,6 +1010,7 @@ def _upsert_page_sqlite(
     now: datetime,
     *,
     replan: bool,
+    done_rows: DoneRows,
 ) -> tuple[int, int, int, int]:
     """SQLite: one prepared statement run over tuples (the driver's executemany); datetimes
     stored in SQLAlchemy's text format so that queries compare them correctly."""
@@ -978,10 +1037,11 @@ def _upsert_page_sqlite(
     ).rowcount
     if added == len(page):
         return added - remapped, 0, remapped, gone
+    revisit, relisted = done_rows is not DoneRows.KEEP, done_rows is DoneRows.LISTED
     reset = conn.exec_driver_sql(
         _PLAN_RESET_SQLITE,
         [
-            (p.etag, p.size, m, at, job, p.source_key, p.etag)
+            (p.etag, p.size, m, at, job, p.source_key, p.etag, revisit, relisted)
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount

@@ -22,7 +22,15 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from migrator.ledger.repo import ALEMBIC_DIR, Ledger, ObjectRow, Planned, open_ledger, utcnow
+from migrator.ledger.repo import (
+    ALEMBIC_DIR,
+    DoneRows,
+    Ledger,
+    ObjectRow,
+    Planned,
+    open_ledger,
+    utcnow,
+)
 from migrator.ledger.tables import Stage, State, metadata, objects
 
 VERSION_TABLE = "migrator_alembic_version"
@@ -172,26 +180,37 @@ def test_upsert_page_is_idempotent(ledger: Ledger, engine: Engine) -> None:
     assert ledger.upsert_page([]).added == 0
 
 
-def test_upsert_page_resets_changed_rows_but_keeps_done_ones(
+def test_upsert_page_resets_changed_rows_and_keeps_unchanged_done_ones(
     ledger: Ledger, engine: Engine
 ) -> None:
-    ledger.upsert_page(planned(4))
+    """A listed key with another ETag goes back to pending in any state, ``done`` included
+    (docs/cutover.md: the source holds an object that was not migrated); a done row listed
+    with its own ETag is kept — unless the job deletes its sources (``LISTED``): then its
+    source was deleted and the listed object is an upload made since. A snapshot (``KEEP``,
+    an inventory report, the default) leaves done rows alone."""
+    ledger.upsert_page(planned(5))
     keys = sorted(raw_rows(engine))
     set_state(engine, [keys[0]], State.COPIED)
-    set_state(engine, [keys[1]], State.DONE)
+    set_state(engine, [keys[1], keys[4]], State.DONE)
     set_state(engine, [keys[2]], State.FAILED, Stage.COPY.value)
-    changed = planned(4, version="v2") + planned(1, start=4)
-    res = ledger.upsert_page(changed)
-    assert (res.added, res.reset, res.unchanged) == (1, 3, 1)
+    changed = planned(4, version="v2") + planned(1, start=4) + planned(1, start=5)
+    res = ledger.upsert_page(changed, replan=True, done_rows=DoneRows.CHANGED)
+    assert (res.added, res.reset, res.unchanged) == (1, 4, 1)
     rows = raw_rows(engine)
     new_etag = {p.source_key: p.etag for p in changed}
-    for key in (keys[0], keys[2], keys[3]):
+    for key in keys[:4]:
         assert rows[key]["state"] == State.PENDING.value
         assert rows[key]["etag"] == new_etag[key]
         assert rows[key]["failed_stage"] is None and rows[key]["dest_etag"] is None
-    assert rows[keys[1]]["state"] == State.DONE.value
-    assert rows[keys[1]]["etag"] != new_etag[keys[1]]  # a finished row is left alone
-    assert len(rows) == 5
+    assert rows[keys[4]]["state"] == State.DONE.value  # same ETag, sources kept: left alone
+    assert len(rows) == 6
+    res = ledger.upsert_page(changed, replan=True, done_rows=DoneRows.LISTED)
+    assert (res.added, res.reset, res.unchanged) == (0, 1, 5)
+    assert raw_rows(engine)[keys[4]]["state"] == State.PENDING.value
+    set_state(engine, [keys[1]], State.DONE)
+    res = ledger.upsert_page(planned(2, version="v3"), replan=True)  # KEEP
+    assert (res.reset, res.unchanged) == (1, 1)
+    assert raw_rows(engine)[keys[1]]["state"] == State.DONE.value
 
 
 # -- leases --------------------------------------------------------------------------------

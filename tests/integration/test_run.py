@@ -87,8 +87,9 @@ def test_replan_adds_new_resets_changed_keeps_done(
     moto_s3.put_object(Bucket=src, Key="image/new/object.png", Body=b"new")
     proc = run_cli("plan", "--config", str(job.config_path))
     assert proc.returncode == 0, proc.stderr
-    # Done rows are kept even though object 1 changed; the new object is added.
-    assert "1 new, 0 changed, 4 unchanged" in proc.stderr
+    # The new object is added; done object 1, changed at its kept source, goes back to
+    # pending (docs/cutover.md); the other done rows are kept.
+    assert "1 new, 1 changed, 3 unchanged" in proc.stderr
 
 
 def test_replan_resets_changed_pending_row(
