@@ -439,3 +439,20 @@ def test_bad_app_column_on_mysql_writes_nothing(
     proc = run_cli("run", "--config", str(job.config_path), cwd=job.dir, timeout=120)
     assert_rejected(proc, says=("'no_such_column'", "does not exist in table"))
     assert_nothing_written(job, before, tmp_path / "ledger.db")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("run", "--max-delete", "-1"), ("Invalid value for '--max-delete'", "run --help")),
+        (("run", "--no-such-option"), ("No such option '--no-such-option'", "run --help")),
+        (("report",), ("Missing option '--out'", "report --help")),
+        (("no-such-command",), ("No such command 'no-such-command'",)),
+    ],
+    ids=["out-of-range", "unknown-option", "missing-option", "unknown-command"],
+)
+def test_bad_command_line_is_one_line(tmp_path: Path, args: tuple[str, ...], says: tuple) -> None:
+    """click's own usage errors follow the same rule as a bad config: one line, exit 2."""
+    proc = run_cli(*args, cwd=tmp_path)
+    assert_rejected(proc, says=says)
+    assert list(tmp_path.iterdir()) == []
