@@ -46,6 +46,19 @@ def _s3_reason(exc: Exception) -> str:
     return str(exc)
 
 
+DIFFERENT_ENDPOINTS = (
+    "source and destination use different endpoints, regions or profiles; "
+    "server-side copy needs one S3 service for both sides"
+)
+
+
+def same_endpoint(cfg: Config) -> bool:
+    """Both sides reachable through one S3 service, so a server-side copy can work."""
+    return cfg.source.model_dump(exclude={"bucket", "prefix"}) == cfg.destination.model_dump(
+        exclude={"bucket", "prefix"}
+    )
+
+
 class _Side:
     """The checks of one bucket, with one client and what earlier checks found."""
 
@@ -215,17 +228,8 @@ def _s3_items(cfg: Config) -> list[Item]:
             items += _side_items(cfg, check)
         finally:
             check.close()
-    if cfg.source.model_dump(exclude={"bucket", "prefix"}) != cfg.destination.model_dump(
-        exclude={"bucket", "prefix"}
-    ):
-        items.append(
-            Item(
-                "server-side copy",
-                "fail",
-                "source and destination use different endpoints, regions or profiles; "
-                "server-side copy needs one S3 service for both sides",
-            )
-        )
+    if not same_endpoint(cfg):
+        items.append(Item("server-side copy", "fail", DIFFERENT_ENDPOINTS))
     return items
 
 

@@ -257,7 +257,7 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
         ctx.owner,
         [(o.row.id, o.dest_etag or "") for o in copied],
         state,
-        release=state is not State.COPIED and releases_at(ctx.cfg, state),
+        release=releases_at(ctx.cfg, state),  # never for copied: the rewrite follows
     )
     for o in outcomes:
         if o.replan is not None:

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.appdb import AppDatabase
-from migrator.check import start_checks
+from migrator.check import DIFFERENT_ENDPOINTS, same_endpoint, start_checks
 from migrator.config import Config
 from migrator.errors import (
     EXIT_FAILED_ROWS,
@@ -61,19 +61,10 @@ class Resources:
         self.engine.dispose()
 
 
-def same_endpoint(cfg: Config) -> bool:
-    return cfg.source.model_dump(exclude={"bucket", "prefix"}) == cfg.destination.model_dump(
-        exclude={"bucket", "prefix"}
-    )
-
-
 def check_s3(cfg: Config) -> s3.S3Service:
     """Both buckets reachable through one S3 service; returns that service for this process."""
     if not same_endpoint(cfg):
-        raise PreflightError(
-            "source and destination use different endpoints, regions or profiles; "
-            "server-side copy needs one S3 service for both sides"
-        )
+        raise PreflightError(DIFFERENT_ENDPOINTS)
     probe = s3.ClientFactory(
         cfg.source, max_pool=cfg.concurrency + 4, max_attempts=2, connect_timeout=5
     ).client()
