@@ -135,6 +135,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     heartbeat.start()
     errors = 0
+    may_hold = False  # the last iteration ended in an error: rows may still be leased to us
     budget = stages.DeleteBudget(delete_budget) if delete_budget is not None else None
     ctx = stages.ChunkContext(cfg, ledger, owner, source, dest, appdb, local_stop, budget)
     try:
@@ -142,6 +143,12 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
             if local_stop.is_set():
                 break
             try:
+                if may_hold:
+                    # Rows of the chunk that ended in an error (or of a claim whose commit
+                    # went through unseen) may still be leased to us, and the heartbeat
+                    # would keep them so for ever; nothing works on them now.
+                    ledger.release(owner)
+                    may_hold = False
                 states = claim_states(cfg, ledger, budget)
                 rows = ledger.claim(owner, states, cfg.chunk_size, cfg.lease_seconds)
                 if not rows:
@@ -155,6 +162,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
                 ledger.add_s3_retries(retries.take())
                 errors = 0
             except SQLAlchemyError as exc:
+                may_hold = True
                 errors += 1
                 log.warning(
                     "ledger or app database error (%d in a row): %s",

@@ -15,7 +15,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from tests.acceptance.test_kill import start_run, wait_for_progress
-from tests.helpers import Job, assert_converged, invariant_violations, make_job, sqlite_job
+from tests.helpers import (
+    Job,
+    assert_converged,
+    invariant_violations,
+    make_job,
+    run_cli,
+    sqlite_job,
+)
 
 
 def _terminator(admin_url: str, databases: list[str], stop: threading.Event) -> list[int]:
@@ -152,5 +159,61 @@ def test_postgres_outage_mid_run(
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "not currently accepting connections" in err.decode()  # reported, then retried
+    assert invariant_violations(job) == []
+    assert_converged(job)
+
+
+def test_a_ledger_error_mid_chunk_gives_the_rows_back(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, pg_database: Callable[[str], str]
+) -> None:
+    """A worker whose chunk ends in a ledger error holds the leases of rows it no longer works
+    on, and its heartbeat keeps them alive: it must give them back before it claims again.
+    Here the record of the last chunk's deletes fails once (a trigger raises; a sequence counts
+    across rolled-back transactions): its sources are gone, its rows stay rewritten under the
+    worker's lease, and no later chunk's release frees them. The run used to wait on them for
+    ever; now the worker gives them back, claims them again, deletes again (a no-op) and
+    records them."""
+    ledger = pg_database("eledger")
+    job = make_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        ledger=ledger,
+        app=f"sqlite:///{tmp_path / 'app.db'}",
+        count=30,
+        size=64,
+        chunk_size=10,
+        workers=1,
+        concurrency=4,
+        delete_source="per_chunk",
+    )
+    assert run_cli("plan", "--config", str(job.config_path)).returncode == 0
+    engine = sa.create_engine(ledger)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SEQUENCE fault_once"))
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION fail_first_done() RETURNS trigger AS $$ BEGIN "
+                "IF NEW.state = 'done' AND NEW.id = (SELECT max(id) FROM migrator_objects) "
+                "AND nextval('fault_once') = 1 THEN "
+                "RAISE EXCEPTION 'injected ledger fault'; END IF; RETURN NEW; END $$ "
+                "LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER fail_first_done BEFORE UPDATE ON migrator_objects "
+                "FOR EACH ROW EXECUTE FUNCTION fail_first_done()"
+            )
+        )
+    engine.dispose()
+    proc = start_run(job.config_path)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the run waited on rows its own worker still held") from None
+    assert "injected ledger fault" in err.decode()  # the fault happened and was reported
+    assert proc.returncode == 0, err.decode()[-2000:]
     assert invariant_violations(job) == []
     assert_converged(job)
