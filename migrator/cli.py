@@ -475,3 +475,105 @@ def verify(config_path: Path, as_json: bool) -> None:
             for kind, n in sorted(result.kinds.items()):
                 click.echo(f"  {kind}: {n:,} (e.g. {', '.join(result.examples[kind][:3])})")
     sys.exit(0 if result.ok else 1)
+
+
+@main.command("export-manifest")
+@config_option
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Manifest file to write (CSV).",
+)
+@handle_errors
+def export_manifest(config_path: Path, out: Path) -> None:
+    """Write the rows still to copy as an S3 Batch Operations manifest (CSV: bucket and
+    URL-encoded key per line), to hand the copy stage to AWS. Once the Batch Operations job
+    has finished, `migrator import-report` reads its completion report back; `migrator run`
+    then rewrites and deletes as usual. Do not run `migrator run` on the job in between. See
+    docs/operations.md.
+
+    \b
+    Example:
+      migrator export-manifest --out manifest.csv
+      aws s3 cp manifest.csv s3://ops-bucket/manifests/avatars.csv
+    """
+    cfg = _load(config_path)
+    from migrator.batchops import MANIFEST_FORMAT
+    from migrator.batchops import export_manifest as export
+
+    ledger = _ledger_for_reading(cfg)
+    try:
+        manifest = export(cfg, ledger, out)
+    finally:
+        ledger.engine.dispose()
+    click.echo(
+        f"wrote {manifest.rows:,} rows to {out} (format {MANIFEST_FORMAT}, fields Bucket,Key)"
+    )
+    if manifest.multipart:
+        err_console.print(
+            f"left out {manifest.multipart:,} objects with multipart ETags: a Batch Operations "
+            "copy of them cannot be verified; `migrator run` copies them",
+            highlight=False,
+        )
+    if manifest.target_prefix is not None:
+        err_console.print(
+            f"copy operation: S3PutObjectCopy into arn:aws:s3:::{cfg.destination.bucket} with "
+            f"TargetKeyPrefix {manifest.target_prefix!r} gives this job's destination keys",
+            highlight=False,
+            markup=False,
+        )
+    elif manifest.rows:
+        err_console.print(
+            "note: this job's destination keys are not the source keys under one added prefix, "
+            "which is all S3PutObjectCopy's TargetKeyPrefix can do; copy with a Lambda "
+            "operation that maps keys as the job does (docs/operations.md)",
+            highlight=False,
+        )
+
+
+@main.command("import-report")
+@config_option
+@click.argument("report", type=click.Path(path_type=Path))
+@handle_errors
+def import_report(config_path: Path, report: Path) -> None:
+    """Read an S3 Batch Operations completion report (its downloaded directory, with
+    manifest.json) into the ledger: each object whose task succeeded is looked up at the
+    destination and recorded as copied when it is the planned object (size and ETag);
+    failed tasks mark their rows failed. Then `migrator run` rewrites and deletes.
+
+    \b
+    Example:
+      aws s3 cp --recursive s3://ops-bucket/reports/job-8f1c…/ report/
+      migrator import-report report/ && migrator run
+    """
+    cfg = _load(config_path)
+    from migrator.batchops import import_report as read_report
+    from migrator.batchops import report_files
+    from migrator.supervisor import preflight
+
+    report_files(report)  # a wrong path or format: exit 2 before anything is opened
+    ledger = _ledger_for_reading(cfg)
+    ledger.engine.dispose()
+    res = preflight(cfg)
+    try:
+        result = read_report(cfg, res.ledger, res.dest, report)
+    finally:
+        res.close()
+    click.echo(
+        f"imported: {result.copied:,} copied, {result.failed:,} failed, "
+        f"{result.mismatched:,} not as planned at the destination (copied again by `migrator "
+        f"run`), {result.already:,} already past pending, {result.busy:,} busy, "
+        f"{result.unknown:,} not in this job"
+    )
+    for kind in ("mismatched", "busy", "unknown"):
+        if result.examples.get(kind):
+            err_console.print(
+                f"{kind}: e.g. {', '.join(result.examples[kind])}", highlight=False, markup=False
+            )
+    if result.busy:
+        err_console.print(
+            "busy rows are held by a running worker or wait to retry: import the report again "
+            "once no `migrator run` is running",
+            highlight=False,
+        )

@@ -393,6 +393,16 @@ class Ledger:
                 ).all()
             )
 
+    def rows_for_keys(self, source_keys: Sequence[str]) -> dict[str, ObjectRow]:
+        """The job's rows for these source keys (those it has), by source key."""
+        if not source_keys:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(*_ROW_COLS).where(O.job == self.job, O.source_key.in_(list(source_keys)))
+            ).all()
+        return {r.source_key: r for r in map(_row, rows)}
+
     def replan_row(
         self, owner: str, row: ObjectRow, etag: str, size: int, note: str, max_attempts: int
     ) -> None:
@@ -431,6 +441,26 @@ class Ledger:
         with self.engine.begin() as conn:
             rows = [_row(r) for r in conn.execute(stmt)]
         return sorted(rows, key=lambda r: r.id)
+
+    def claim_ids(
+        self, owner: str, ids: Sequence[int], states: Iterable[State], lease_seconds: int
+    ) -> list[ObjectRow]:
+        """Lease these rows, those of them that are free and in ``states``."""
+        if not ids:
+            return []
+        now = utcnow()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                objects.update()
+                .where(
+                    O.id.in_(list(ids)),
+                    O.state.in_([s.value for s in states]),
+                    sa.or_(O.lease_expires.is_(None), O.lease_expires < now),
+                )
+                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds))
+                .returning(*_ROW_COLS)
+            ).all()
+        return [_row(r) for r in rows]
 
     def claim_statement(
         self, owner: str, states: Iterable[State], limit: int, lease_seconds: int
