@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +20,8 @@ from migrator.storage.multipart import MAX_PART_SIZE, MAX_SINGLE_COPY, MIB, MIN_
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
 ENV_APP_DB_URL = "MIGRATOR_APP_DB_URL"
+ENV_WEBHOOK_URL = "MIGRATOR_WEBHOOK_URL"
+NOTIFY_EVENTS = ("started", "stage_completed", "failed", "finished")
 MAX_CONFIG_BYTES = 1_000_000
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KEY_FIELD = "{key}"
@@ -257,6 +260,37 @@ class Keys(_Strict):
         return self
 
 
+class NotifyConfig(_Strict):
+    """``notify``: stage notifications POSTed to a webhook (``migrator/notify.py``)."""
+
+    webhook_url: str
+    events: tuple[Literal["started", "stage_completed", "failed", "finished"], ...] = NOTIFY_EVENTS
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        # The value is not quoted back: a webhook URL is a secret (whoever has it may post).
+        parts = urlsplit(v)
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or any(c.isspace() for c in v)
+        ):
+            raise ValueError(
+                "must be an http(s) URL, e.g. https://hooks.slack.com/services/…; set it "
+                f"with {ENV_WEBHOOK_URL} to keep it out of the config file"
+            )
+        return v
+
+    @field_validator("events")
+    @classmethod
+    def _some(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"list at least one of {', '.join(NOTIFY_EVENTS)}")
+        return v
+
+
 class Config(_Strict):
     job: str
     ledger: str = "sqlite:///migrator.db"
@@ -277,6 +311,7 @@ class Config(_Strict):
     # one CopyObject each (one request per object). See docs/configuration.md for the default.
     multipart_threshold: int = Field(strict=True, default=128 * MIB)
     part_size: int = Field(strict=True, default=64 * MIB)
+    notify: NotifyConfig | None = None
 
     @field_validator("multipart_threshold")
     @classmethod
@@ -493,6 +528,12 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
                 "(table and column, or targets)"
             )
         raw["app_db"] = {**raw["app_db"], "url": env[ENV_APP_DB_URL]}
+    if env.get(ENV_WEBHOOK_URL):
+        notify = raw.get("notify")
+        raw["notify"] = {
+            **(notify if isinstance(notify, dict) else {}),
+            "webhook_url": env[ENV_WEBHOOK_URL],
+        }
     raw["ledger"] = _anchor_sqlite(raw.get("ledger", "sqlite:///migrator.db"), p.parent)
     if isinstance(raw.get("app_db"), dict) and isinstance(raw["app_db"].get("url"), str):
         raw["app_db"]["url"] = _anchor_sqlite(raw["app_db"]["url"], p.parent)

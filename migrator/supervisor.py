@@ -27,11 +27,14 @@ from migrator.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     LedgerError,
+    MigratorError,
     PreflightError,
     db_reason,
+    redact,
 )
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
+from migrator.notify import Notifier, StageWatch
 from migrator.plan import PlanTotals, plan_job, plan_pages
 from migrator.progress import RunDisplay, Snapshot
 from migrator.spawn import start_fork_server
@@ -188,6 +191,7 @@ def run_job(
     _start_checks(cfg, console)
     res = preflight(cfg)
     planner: Planner | None = None
+    notifier = Notifier(cfg.notify, cfg.job)
     try:
         res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
         freed = res.ledger.reclaim_dead_local_leases()
@@ -201,15 +205,48 @@ def run_job(
             else:
                 planner = Planner(cfg, res, console)
                 planner.start()
-        code = _supervise(cfg, ctx, res.ledger, console, quiet, max_delete, planner)
+        if notifier.active:
+            counts = res.ledger.counts()
+            notifier.send(
+                "started",
+                f"run started, {sum(counts.values()):,} objects in the ledger"
+                + (" (still planning)" if planner is not None else ""),
+                counts=counts,
+            )
+        code = _supervise(cfg, ctx, res.ledger, console, quiet, max_delete, planner, notifier)
+        if planner is not None and planner.error is not None:
+            raise planner.error
+        if notifier.active:
+            _notify_end(notifier, code, res.ledger)
+    except MigratorError as exc:
+        notifier.send("failed", f"run failed: {redact(str(exc))}", error=redact(str(exc)))
+        raise
     finally:
         if planner is not None:
             planner.stop.set()
             planner.join()
         res.close()
-    if planner is not None and planner.error is not None:
-        raise planner.error
+        notifier.close()
     return code
+
+
+def _notify_end(notifier: Notifier, code: int, ledger: Ledger) -> None:
+    try:
+        counts = ledger.counts()
+    except SQLAlchemyError:  # the run's own end message has the counts; the event goes anyway
+        counts = {}
+    total = sum(counts.values())
+    if code == EXIT_OK:
+        notifier.send("finished", f"finished: all {total:,} objects done", counts=counts)
+    elif code == EXIT_INTERRUPTED:
+        notifier.send("failed", "interrupted; run again to continue", counts=counts)
+    else:
+        notifier.send(
+            "failed",
+            f"run ended with {counts.get('failed', 0):,} failed and "
+            f"{total - counts.get('done', 0) - counts.get('skipped', 0):,} unfinished objects",
+            counts=counts,
+        )
 
 
 def run_until_converged(
@@ -318,8 +355,15 @@ def _supervise(
     quiet: bool,
     max_delete: int | None,
     planner: Planner | None = None,
+    notifier: Notifier | None = None,
 ) -> int:
     budget = ctx.Value("q", -1 if max_delete is None else max_delete)
+    stages = ("copy",) + (("rewrite",) if cfg.app_db is not None else ())
+    stages += ("delete",) if cfg.delete_source != "never" and max_delete != 0 else ()
+    watch = StageWatch(stages)
+    if notifier is not None and notifier.active:
+        with contextlib.suppress(SQLAlchemyError):  # stages done before this run are not news
+            watch.completed(ledger.counts(), planner is None)
     stop_event = ctx.Event()
     stop = _Stop()
     old_int = signal.signal(signal.SIGINT, stop)
@@ -380,7 +424,14 @@ def _supervise(
                         gave_up = True
             try:
                 planning = planner is not None and planner.is_alive()
-                display.update(Snapshot.from_counts(ledger.counts()), len(procs), planning=planning)
+                counts = ledger.counts()
+                display.update(Snapshot.from_counts(counts), len(procs), planning=planning)
+                planned = planner is None or (not planning and planner.error is None)
+                if notifier is not None and notifier.active:
+                    for stage in watch.completed(counts, planned):
+                        notifier.send(
+                            "stage_completed", f"{stage} stage complete", stage=stage, counts=counts
+                        )
             except SQLAlchemyError as exc:
                 log.warning("cannot read progress: %s", db_reason(exc))
     finally:

@@ -638,3 +638,45 @@ def test_mysql_app_db_password_never_shows(tmp_path: Path) -> None:
     data["app_db"]["url"] = f"mysql://root:{PASSWORD}@db.example.com/app"
     (line,) = problems(write(tmp_path, data))
     assert PASSWORD not in line and "mysql+pymysql://" in line
+
+
+HOOK = "https://hooks.slack.com/services/T0/B0/s3cretHook"
+
+
+@pytest.mark.parametrize(
+    ("notify", "expected"),
+    [
+        (
+            {"webhook_url": "ftp://hooks.example.com/x"},
+            "notify.webhook_url: must be an http(s) URL",
+        ),
+        ({"webhook_url": "https:///no-host"}, "notify.webhook_url: must be an http(s) URL"),
+        ({"webhook_url": HOOK + " extra"}, "notify.webhook_url: must be an http(s) URL"),
+        ({"webhook_url": HOOK, "events": ["done"]}, "notify.events.0: Input should be"),
+        ({"webhook_url": HOOK, "events": []}, "notify.events: list at least one of"),
+        ({"webhook_url": HOOK, "timeout_seconds": 0}, "notify.timeout_seconds: Input should be"),
+        ({"events": ["started"]}, "notify.webhook_url: is required"),
+        ({"webhook_url": HOOK, "event": ["started"]}, "notify.event: unknown key (did you mean"),
+    ],
+)
+def test_bad_notify_is_one_line_and_never_echoes_the_url(
+    tmp_path: Path, notify: dict[str, Any], expected: str
+) -> None:
+    lines = problems(write(tmp_path, mutated(lambda d: d.update(notify=notify))))
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert "s3cretHook" not in lines[0]
+
+
+def test_notify_defaults_and_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, mutated(lambda d: d.update(notify={"webhook_url": HOOK})))
+    cfg = load_config(path, env={})
+    assert cfg.notify is not None and cfg.notify.webhook_url == HOOK
+    assert cfg.notify.events == ("started", "stage_completed", "failed", "finished")
+    assert cfg.notify.timeout_seconds == 5.0
+    assert load_config(write(tmp_path, base()), env={}).notify is None
+    from_env = load_config(write(tmp_path, base()), env={"MIGRATOR_WEBHOOK_URL": HOOK})
+    assert from_env.notify is not None and from_env.notify.webhook_url == HOOK
+    kept = mutated(lambda d: d.update(notify={"webhook_url": "http://x", "events": ["failed"]}))
+    both = load_config(write(tmp_path, kept), env={"MIGRATOR_WEBHOOK_URL": HOOK})
+    assert both.notify is not None and both.notify.webhook_url == HOOK
+    assert both.notify.events == ("failed",)
