@@ -54,6 +54,18 @@ class ObjectRow:
 
 
 @dataclass(frozen=True)
+class Rates:
+    """Throughput over the last ``window_seconds``: copies (rows that left ``pending``) and
+    finished objects, each as objects and bytes per second."""
+
+    window_seconds: float
+    copied_objects: float
+    copied_bytes: float
+    done_objects: float
+    done_bytes: float
+
+
+@dataclass(frozen=True)
 class Planned:
     source_key: str
     dest_key: str
@@ -851,6 +863,57 @@ class Ledger:
             return 0.0
         return int(n) / max(float(at) - first, 1.0)
 
+    def rates(self, window: timedelta) -> Rates:
+        """Throughput over the last ``window`` from the per-second count rows: objects and
+        bytes that left ``pending`` (copied, or failed for good) and that became ``done``,
+        each per second since the first such row in the window."""
+        now = _now_seconds(self.engine)
+        entered_done = sa.and_(C.state == State.DONE.value, C.objects > 0)
+        left_pending = sa.and_(C.state == State.PENDING.value, C.objects < 0)
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(
+                    C.state,
+                    sa.func.sum(C.objects),
+                    sa.func.sum(C.bytes),
+                    sa.func.min(C.second),
+                    now,
+                )
+                .where(
+                    C.job == self.job,
+                    C.second >= now - window.total_seconds(),
+                    sa.or_(entered_done, left_pending),
+                )
+                .group_by(C.state)
+            ).all()
+        got = {r[0]: (abs(int(r[1] or 0)), abs(int(r[2] or 0)), r[3], float(r[4])) for r in rows}
+
+        def per_second(state: State) -> tuple[float, float]:
+            if state.value not in got:
+                return 0.0, 0.0
+            n, b, first, at = got[state.value]
+            span = max(at - float(first), 1.0)
+            return n / span, b / span
+
+        copied, copied_bytes = per_second(State.PENDING)
+        done, done_bytes = per_second(State.DONE)
+        return Rates(window.total_seconds(), copied, copied_bytes, done, done_bytes)
+
+    def error_rows(self, limit: int) -> list[tuple[str, str, str, int]]:
+        """``(source_key, state, last_error, attempts)`` of up to ``limit`` rows that carry an
+        error (failed, skipped, or waiting to retry), newest first; read through the partial
+        index of rows with an error, so a job of millions with few errors costs little."""
+        with self._read() as conn:
+            return [
+                (r[0], r[1], r[2], int(r[3]))
+                for r in conn.execute(
+                    sa.select(O.source_key, O.state, O.last_error, O.attempts)
+                    .where(O.job == self.job, O.last_error.is_not(None))
+                    .order_by(O.updated_at.desc())
+                    .limit(limit)
+                )
+            ]
+
     def iter_sorted(self, column: str, states: Iterable[State]) -> Iterator[dict[str, Any]]:
         """Rows in ``states`` ordered by ``column`` (a key) in byte order, as S3 lists keys;
         streamed with a server-side cursor, so memory stays flat."""
@@ -882,6 +945,45 @@ class Ledger:
                 return
             yield rows
             last = rows[-1]["id"]
+
+
+def jobs_overview(engine: Engine) -> list[dict[str, Any]]:
+    """Every job of the ledger: where it moves from and to, when it was created and
+    planned, its counts by state, and whether a worker holds a live lease on it now."""
+    now = utcnow()
+    with engine.connect().execution_options(migrator_readonly=True) as conn:
+        found = conn.execute(
+            sa.select(
+                jobs.c.name,
+                jobs.c.source,
+                jobs.c.destination,
+                jobs.c.created_at,
+                jobs.c.planned_at,
+            ).order_by(jobs.c.name)
+        ).all()
+        counts = conn.execute(
+            sa.select(C.job, C.state, sa.func.sum(C.objects)).group_by(C.job, C.state)
+        ).all()
+        live = set(
+            conn.execute(
+                sa.select(O.job).where(O.lease_owner.is_not(None), O.lease_expires > now).distinct()
+            ).scalars()
+        )
+    by_job: dict[str, dict[str, int]] = {}
+    for job, state, n in counts:
+        by_job.setdefault(job, {})[state] = int(n or 0)
+    return [
+        {
+            "job": name,
+            "source": source,
+            "destination": destination,
+            "created_at": created.isoformat(timespec="seconds"),
+            "planned_at": planned.isoformat(timespec="seconds") if planned else None,
+            "counts": {s.value: by_job.get(name, {}).get(s.value, 0) for s in State},
+            "workers_active": name in live,
+        }
+        for name, source, destination, created, planned in found
+    ]
 
 
 _PLAN_INSERT_POSTGRES = sa.text(
