@@ -501,25 +501,94 @@ def retry_failed(config_path: Path) -> None:
 @config_option
 @click.option(
     "--out",
-    required=True,
+    default=None,
     type=click.Path(path_type=Path),
-    help="Output file: .csv or .parquet.",
+    help="Per-object report file: .csv or .parquet.",
+)
+@click.option(
+    "--summary", is_flag=True, help="Print counts, errors by code, bytes and throughput over time."
+)
+@click.option("--json", "as_json", is_flag=True, help="With --summary: one JSON object on stdout.")
+@click.option(
+    "--html",
+    default=None,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the summary as an HTML page with a throughput chart.",
 )
 @handle_errors
-def report(config_path: Path, out: Path) -> None:
-    """Write one row per object (keys, size, state, attempts, errors, times).
+def report(
+    config_path: Path, out: Path | None, summary: bool, as_json: bool, html: Path | None
+) -> None:
+    """Write one row per object (keys, sizes, states, attempts, errors, times) as CSV or
+    Parquet, and/or summarise the job: counts by state and error code, bytes moved, when it
+    ran, and objects copied and finished per minute.
 
-    Example: migrator report --out report.parquet
+    \b
+    Examples:
+      migrator report --out report.parquet
+      migrator report --summary
+      migrator report --summary --json | jq .per_minute
+      migrator report --html summary.html
     """
-    cfg = _load(config_path)
-    if out.suffix.lower() not in (".csv", ".parquet") or out.is_dir():
+    if out is None and not summary and html is None:
+        _fail("say what to write: --out FILE, --summary or --html FILE", EXIT_USAGE)
+    if as_json and not summary:
+        _fail("--json goes with --summary", EXIT_USAGE)
+    if out is not None and (out.suffix.lower() not in (".csv", ".parquet") or out.is_dir()):
         _fail(f"--out {out}: use a .csv or .parquet file name", EXIT_USAGE)
-    from migrator.report import write_report  # pandas and pyarrow load only when needed
+    cfg = _load(config_path)
+    from migrator.report import summarize, write_html, write_report  # pandas loads here
 
     ledger = _ledger_for_reading(cfg)
-    n = write_report(ledger, out)
-    ledger.engine.dispose()
-    click.echo(f"wrote {n:,} rows to {out}")
+    try:
+        if out is not None:
+            n = write_report(ledger, out)
+            err_console.print(f"wrote {n:,} rows to {out}", highlight=False, markup=False)
+        result = summarize(ledger) if summary or html is not None else None
+    finally:
+        ledger.engine.dispose()
+    if result is None:
+        return
+    if html is not None:
+        write_html(result, html)
+        err_console.print(f"wrote the summary to {html}", highlight=False, markup=False)
+    if summary and as_json:
+        click.echo(json.dumps(result.as_dict()))
+    elif summary:
+        _print_summary(result)
+
+
+def _print_summary(result: Any) -> None:
+    from migrator.report import over_time
+    from migrator.status import mb
+
+    total = sum(result.counts.values())
+    when = (
+        f"{result.first:%Y-%m-%d %H:%M} – {result.last:%H:%M} UTC "
+        f"({int((result.last - result.first).total_seconds() // 60):,} min)"
+        if result.first is not None
+        else "no activity recorded"
+    )
+    p = functools.partial(out_console.print, highlight=False, markup=False, soft_wrap=True)
+    p(f"job {result.job}: {total:,} objects, {mb(result.moved_bytes)} copied, {when}")
+    p("by state: " + " · ".join(f"{s} {n:,}" for s, n in result.counts.items()))
+    groups = result.errors["top_errors"]
+    if groups:
+        p(
+            "errors by code: "
+            + " · ".join(f"{g['code']} {g['objects']:,} ({g['failed']:,} failed)" for g in groups)
+        )
+    size, rows = over_time(result.minutes)
+    if len(rows):
+        p(f"objects per {size} min (copied / done):")
+        for t, row in rows.iterrows():
+            p(f"  {t:%Y-%m-%d %H:%M}  {int(row['copied']):>9,} / {int(row['done']):,}")
+        busy = result.minutes[result.minutes["copied"] > 0]["copied"]
+        if len(busy):
+            p(
+                f"copies: peak {int(busy.max()):,}/min, mean {busy.mean():,.0f}/min over "
+                f"{len(busy):,} active minutes"
+            )
 
 
 @main.command()

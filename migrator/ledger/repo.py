@@ -32,6 +32,7 @@ _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate 
 _PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
 FOLD_AFTER_SECONDS = 300  # count rows older than this are folded together ...
 FOLD_WHEN_ROWS = 500  # ... once there are this many of them
+MINUTE = 60  # ... into one row per state and minute
 
 O = objects.c  # noqa: E741 - short alias for column access in queries
 C = state_counts.c
@@ -55,8 +56,8 @@ class ObjectRow:
 
 @dataclass(frozen=True)
 class Rates:
-    """Throughput over the last ``window_seconds``: copies (rows that left ``pending``) and
-    finished objects, each as objects and bytes per second."""
+    """Throughput over the last ``window_seconds``: copies (rows that moved past ``pending``)
+    and finished objects, each as objects and bytes per second."""
 
     window_seconds: float
     copied_objects: float
@@ -770,8 +771,7 @@ class Ledger:
         return {s: b for s, (_, b) in self._state_totals().items()}
 
     def _state_totals(self) -> dict[str, tuple[int, int]]:
-        now = _now_seconds(self.engine)
-        old = sa.and_(C.second > 0, C.second < now - FOLD_AFTER_SECONDS)
+        old = _unfolded(_now_seconds(self.engine))
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(
@@ -789,11 +789,13 @@ class Ledger:
         return {s.value: got.get(s.value, (0, 0)) for s in State}
 
     def fold_counts(self) -> None:
-        """Fold the job's count rows older than ``FOLD_AFTER_SECONDS`` into one per state, so
-        reading the counts stays cheap however long the job runs (recent rows stay apart:
-        ``done_rate`` reads them)."""
-        now = _now_seconds(self.engine)
-        old = sa.and_(C.job == self.job, C.second > 0, C.second < now - FOLD_AFTER_SECONDS)
+        """Fold the job's count rows older than ``FOLD_AFTER_SECONDS`` into one per state and
+        minute (``second`` the minute's first second, ``writer`` 0), so reading the counts
+        stays cheap however long the job runs — a few rows per minute of its life — while the
+        minutes keep its throughput over time for ``report --summary``. Recent rows stay
+        apart: the rates of the last minute read them."""
+        old = sa.and_(C.job == self.job, _unfolded(_now_seconds(self.engine)))
+        minute = C.second - C.second % MINUTE
         sums = [sa.func.sum(C.objects), sa.func.sum(C.bytes)]
         postgres = self.engine.dialect.name == "postgresql"
         # Postgres: one snapshot for the sums and the delete, so a row committed meanwhile is
@@ -809,9 +811,9 @@ class Ledger:
             else:
                 from sqlalchemy.dialects.sqlite import insert
             folded = (
-                sa.select(C.job, C.state, sa.literal(0), sa.literal(0), *sums)
+                sa.select(C.job, C.state, minute, sa.literal(0), *sums)
                 .where(old)
-                .group_by(C.job, C.state)
+                .group_by(C.job, C.state, minute)
             )
             ins = insert(state_counts).from_select(
                 ["job", "state", "second", "writer", "objects", "bytes"], folded
@@ -865,39 +867,54 @@ class Ledger:
 
     def rates(self, window: timedelta) -> Rates:
         """Throughput over the last ``window`` from the per-second count rows: objects and
-        bytes that left ``pending`` (copied, or failed for good) and that became ``done``,
-        each per second since the first such row in the window."""
+        bytes that moved past the copy (see ``_past_copy``) and that became ``done``, each per
+        second since the first such row in the window."""
         now = _now_seconds(self.engine)
-        entered_done = sa.and_(C.state == State.DONE.value, C.objects > 0)
-        left_pending = sa.and_(C.state == State.PENDING.value, C.objects < 0)
+        past, done = _past_copy(), C.state == State.DONE.value
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(
+                    _sum_where(past, C.objects),
+                    _sum_where(past, C.bytes),
+                    _sum_where(done, C.objects),
+                    _sum_where(done, C.bytes),
+                    sa.func.min(C.second),
+                    now,
+                ).where(C.job == self.job, C.second >= now - window.total_seconds(), past)
+            ).one()
+        copied, copied_bytes, done_n, done_bytes, first, at = row
+        if first is None:
+            return Rates(window.total_seconds(), 0.0, 0.0, 0.0, 0.0)
+        span = max(float(at) - float(first), 1.0)
+        return Rates(
+            window.total_seconds(),
+            *(max(int(v or 0), 0) / span for v in (copied, copied_bytes, done_n, done_bytes)),
+        )
+
+    def activity_by_minute(self) -> list[tuple[int, int, int, int, int]]:
+        """The job's throughput over time: per minute (Unix seconds of its start), the objects
+        and bytes that moved past the copy (``_past_copy``) and that became ``done``, from the
+        count rows (kept per minute once older than a few minutes; history folded by older
+        versions of migrator into ``second`` 0 is left out)."""
+        minute = C.second - C.second % MINUTE
+        past, done = _past_copy(), C.state == State.DONE.value
         with self._read() as conn:
             rows = conn.execute(
                 sa.select(
-                    C.state,
-                    sa.func.sum(C.objects),
-                    sa.func.sum(C.bytes),
-                    sa.func.min(C.second),
-                    now,
+                    minute,
+                    _sum_where(past, C.objects),
+                    _sum_where(past, C.bytes),
+                    _sum_where(done, C.objects),
+                    _sum_where(done, C.bytes),
                 )
-                .where(
-                    C.job == self.job,
-                    C.second >= now - window.total_seconds(),
-                    sa.or_(entered_done, left_pending),
-                )
-                .group_by(C.state)
+                .where(C.job == self.job, C.second > 0, past)
+                .group_by(minute)
+                .order_by(minute)
             ).all()
-        got = {r[0]: (abs(int(r[1] or 0)), abs(int(r[2] or 0)), r[3], float(r[4])) for r in rows}
-
-        def per_second(state: State) -> tuple[float, float]:
-            if state.value not in got:
-                return 0.0, 0.0
-            n, b, first, at = got[state.value]
-            span = max(at - float(first), 1.0)
-            return n / span, b / span
-
-        copied, copied_bytes = per_second(State.PENDING)
-        done, done_bytes = per_second(State.DONE)
-        return Rates(window.total_seconds(), copied, copied_bytes, done, done_bytes)
+        return [
+            (int(m), int(n or 0), int(b or 0), int(dn or 0), int(db or 0))
+            for m, n, b, dn, db in rows
+        ]
 
     def error_rows(self, limit: int) -> list[tuple[str, str, str, int]]:
         """``(source_key, state, last_error, attempts)`` of up to ``limit`` rows that carry an
@@ -1178,6 +1195,31 @@ def _upsert_page_sqlite(
         ],
     ).rowcount
     return added - remapped, reset, remapped, gone
+
+
+def _past_copy() -> sa.ColumnElement[bool]:
+    """The count rows of every state but ``pending``. Their deltas summed are the objects
+    that left ``pending`` (copied and verified, or failed for good) less those that came back
+    (a re-plan, ``retry-failed``): moves between later states cancel out, and a plan, which
+    adds to ``pending`` only, adds nothing — a count row holds net changes, so the deltas of
+    ``pending`` itself cannot tell copies from a plan in the same second."""
+    return C.state != State.PENDING.value
+
+
+def _sum_where(cond: sa.ColumnElement[bool], col: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    return sa.func.sum(sa.case((cond, col), else_=0))
+
+
+def _unfolded(now: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """Count rows old enough to fold and not yet a minute's row. A minute's row has
+    ``writer`` 0 and a ``second`` on the minute; a SQLite trigger row that happens to fall on
+    the minute is already its minute's row, and the fold adds the rest of the minute to it.
+    ``second`` 0 holds the history folded before minutes were kept."""
+    return sa.and_(
+        C.second > 0,
+        C.second < now - FOLD_AFTER_SECONDS,
+        sa.or_(C.writer != 0, C.second % MINUTE != 0),
+    )
 
 
 def _now_seconds(engine: Engine) -> sa.ColumnElement[Any]:

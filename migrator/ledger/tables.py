@@ -83,10 +83,11 @@ objects = sa.Table(
 # Objects and bytes per job and state, kept by triggers on ``migrator_objects`` in the same
 # transaction as the change (revision 0003), so ``status`` and the progress display read a
 # few rows instead of counting millions. A row is a delta: ``second`` is when it was written
-# (Unix seconds; 0 for history folded together), ``writer`` the Postgres transaction id that
-# wrote it (0 on SQLite, which has one writer at a time), so concurrent Postgres transactions
-# never update the same row and never wait for each other. The counts of a job are the sums of
-# its rows; ``Ledger.fold_counts`` folds old rows into one per state.
+# (Unix seconds; 0 for history folded together by older versions), ``writer`` the Postgres
+# transaction id that wrote it (0 on SQLite, which has one writer at a time), so concurrent
+# Postgres transactions never update the same row and never wait for each other. The counts of
+# a job are the sums of its rows; ``Ledger.fold_counts`` folds old rows into one per state and
+# minute (``writer`` 0), which keeps the job's throughput over time.
 state_counts = sa.Table(
     "migrator_state_counts",
     metadata,

@@ -446,10 +446,21 @@ def test_bad_app_column_on_mysql_writes_nothing(
     [
         (("run", "--max-delete", "-1"), ("Invalid value for '--max-delete'", "run --help")),
         (("run", "--no-such-option"), ("No such option '--no-such-option'", "run --help")),
-        (("report",), ("Missing option '--out'", "report --help")),
+        (("export-manifest",), ("Missing option '--out'", "export-manifest --help")),
+        (("import-report",), ("Missing argument 'REPORT'", "import-report --help")),
+        (("report",), ("say what to write: --out FILE, --summary or --html FILE",)),
+        (("report", "--out", "r.csv", "--json"), ("--json goes with --summary",)),
         (("no-such-command",), ("No such command 'no-such-command'",)),
     ],
-    ids=["out-of-range", "unknown-option", "missing-option", "unknown-command"],
+    ids=[
+        "out-of-range",
+        "unknown-option",
+        "missing-option",
+        "missing-argument",
+        "report-nothing",
+        "report-json-alone",
+        "unknown-command",
+    ],
 )
 def test_bad_command_line_is_one_line(tmp_path: Path, args: tuple[str, ...], says: tuple) -> None:
     """click's own usage errors follow the same rule as a bad config: one line, exit 2."""
