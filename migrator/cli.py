@@ -217,6 +217,14 @@ def plan(config_path: Path, inventory: str | None) -> None:
     default=None,
     help="With --until-converged: give up (exit 1) after this many passes.  [default: 10]",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: stderr is one JSON object per line (events: run_started, copied, rewritten, "
+    "deleted, retry, failed, progress, run_finished …), for log shippers.",
+)
 @handle_errors
 def run(
     config_path: Path,
@@ -225,6 +233,7 @@ def run(
     dry_run: bool,
     threshold: int | None,
     max_passes: int | None,
+    log_format: str,
 ) -> None:
     """Plan if needed, then copy → verify → rewrite → delete until done.
 
@@ -237,13 +246,19 @@ def run(
       migrator run --until-converged 100          while the application still writes
       migrator run --until-converged 0            writers stopped: the final delta
       migrator run --until-converged 0 --max-delete 0   ... and keep every source for now
+      migrator run --log-format json 2>> migration.jsonl
     """
+    console = err_console
+    if log_format == "json":
+        console = _json_logging("")
     _check_run_options(dry_run, max_delete, threshold, max_passes)
     if threshold is not None:
         from migrator.spawn import start_fork_server
 
         start_fork_server()
         cfg = _load(config_path)
+        if log_format == "json":
+            console = _json_logging(cfg.job)
         from migrator.supervisor import run_until_converged
 
         sys.exit(
@@ -251,9 +266,10 @@ def run(
                 cfg,
                 threshold=threshold,
                 max_passes=max_passes or DEFAULT_MAX_PASSES,
-                console=err_console,
+                console=console,
                 quiet=quiet,
                 max_delete=max_delete,
+                log_format=log_format,
             )
         )
     if dry_run:
@@ -265,9 +281,28 @@ def run(
 
     start_fork_server()  # it imports the worker code while this process loads the rest
     cfg = _load(config_path)
+    if log_format == "json":
+        console = _json_logging(cfg.job)
     from migrator.supervisor import run_job
 
-    sys.exit(run_job(cfg, console=err_console, quiet=quiet, max_delete=max_delete))
+    sys.exit(
+        run_job(cfg, console=console, quiet=quiet, max_delete=max_delete, log_format=log_format)
+    )
+
+
+def _json_logging(job: str) -> Console:
+    """``--log-format json``: every line on stderr a JSON object. The log gets the JSON
+    format (at INFO unless -vv asked for more), the error line of a failed command becomes an
+    ``error`` event, and the console the run prints its messages to becomes ``message``
+    events. Returns that console."""
+    from migrator.logs import EventWriter
+
+    global err_console
+    root = logging.getLogger()
+    setup_logging(min(root.level, logging.INFO), "supervisor", "json", job)
+    log = logging.getLogger("migrator")
+    err_console = Console(file=EventWriter(log, logging.ERROR, "error"), width=10_000)
+    return Console(file=EventWriter(log), width=10_000)
 
 
 DEFAULT_MAX_PASSES = 10

@@ -9,7 +9,8 @@ already be gone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,10 @@ from migrator.config import Config
 from migrator.errors import db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow
 from migrator.ledger.tables import Stage, State
+from migrator.logs import event
 from migrator.storage import s3
+
+log = logging.getLogger("migrator.stages")
 
 
 class DeleteBudget:
@@ -259,8 +263,17 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
         state,
         release=releases_at(ctx.cfg, state),  # never for copied: the rewrite follows
     )
+    _announce("copied", "copied", [o.row for o in copied if o.row.id in held])
     for o in outcomes:
         if o.replan is not None:
+            event(
+                log,
+                logging.INFO,
+                "replanned",
+                f"source changed after plan, copied again next: {o.row.source_key}",
+                key=o.row.source_key,
+                etag=o.replan.etag,
+            )
             ctx.ledger.replan_row(
                 ctx.owner,
                 o.row,
@@ -272,9 +285,9 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     failed = [o for o in outcomes if o.error and not o.conflict_skipped]
     _record_errors(ctx, [o for o in failed if not o.permanent], Stage.COPY)
     _record_errors(ctx, [o for o in failed if o.permanent], Stage.COPY, True)
-    ctx.ledger.record_skipped(
-        ctx.owner, [(o.row.id, o.error or "") for o in outcomes if o.conflict_skipped]
-    )
+    skipped = [(o.row.id, o.error or "") for o in outcomes if o.conflict_skipped]
+    ctx.ledger.record_skipped(ctx.owner, skipped)
+    _announce("skipped", "skipped", [o.row for o in outcomes if o.conflict_skipped])
     not_sent = [o.row.id for o in outcomes if o.not_sent]
     if not_sent:
         ctx.ledger.release(ctx.owner, not_sent)
@@ -300,18 +313,53 @@ def releases_at(cfg: Config, state: State) -> bool:
 def _record_errors(
     ctx: ChunkContext, failed: Sequence[CopyOutcome], stage: Stage, permanent: bool = False
 ) -> None:
-    ctx.ledger.record_failures(
-        ctx.owner,
-        [(o.row, redact(o.error or "")) for o in failed],
-        stage,
-        ctx.cfg.max_attempts,
-        permanent=permanent,
-    )
+    _record_failures(ctx, [(o.row, redact(o.error or "")) for o in failed], stage, permanent)
 
 
 def _app_db_failed(ctx: ChunkContext, rows: Sequence[ObjectRow], stage: Stage, reason: str) -> None:
     """The app database failed the whole chunk: one attempt for each of its rows."""
-    ctx.ledger.record_failures(ctx.owner, [(r, reason) for r in rows], stage, ctx.cfg.max_attempts)
+    _record_failures(ctx, [(r, reason) for r in rows], stage)
+
+
+def _record_failures(
+    ctx: ChunkContext,
+    failures: Sequence[tuple[ObjectRow, str]],
+    stage: Stage,
+    permanent: bool = False,
+) -> None:
+    """Count an attempt for each row (the ledger fails those out of attempts) and log it: a
+    ``retry`` event, or a ``failed`` warning for a row that will not be tried again."""
+    ctx.ledger.record_failures(
+        ctx.owner, failures, stage, ctx.cfg.max_attempts, permanent=permanent
+    )
+    for row, error in failures:
+        final = permanent or row.attempts + 1 >= ctx.cfg.max_attempts
+        event(
+            log,
+            logging.WARNING if final else logging.INFO,
+            "failed" if final else "retry",
+            f"{stage.value} {'failed' if final else 'will be retried'}: {row.source_key}: {error}",
+            key=row.source_key,
+            stage=stage.value,
+            attempts=row.attempts + 1,
+            error=error,
+        )
+
+
+def _announce(name: str, verb: str, rows: Iterable[ObjectRow]) -> None:
+    """One ``name`` event per row that moved on (logged at INFO: ``-v`` or JSON logs)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for r in rows:
+        event(
+            log,
+            logging.INFO,
+            name,
+            f"{verb} {r.source_key} -> {r.dest_key}",
+            key=r.source_key,
+            dest_key=r.dest_key,
+            size=r.size,
+        )
 
 
 def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
@@ -331,6 +379,7 @@ def rewrite_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRo
     held = ctx.ledger.record_state(
         ctx.owner, [r.id for r in copied], final, release=releases_at(ctx.cfg, final)
     )
+    _announce("rewritten", "rewrote app rows of", [r for r in copied if r.id in held])
     return passed + [dataclasses.replace(r, state=final) for r in copied if r.id in held]
 
 
@@ -358,8 +407,9 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
                 failures.append((r, redact(f"delete: {errors[r.source_key]}")))
             else:
                 done.append(r)
-    ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE, release=True)
-    ctx.ledger.record_failures(ctx.owner, failures, Stage.DELETE, ctx.cfg.max_attempts)
+    recorded = ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE, release=True)
+    _announce("deleted", "deleted the source of", [r for r in done if r.id in recorded])
+    _record_failures(ctx, failures, Stage.DELETE)
     return [dataclasses.replace(r, state=State.DONE) for r in done]
 
 

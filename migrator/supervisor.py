@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.console import Console
 from sqlalchemy.engine import Engine
@@ -34,9 +34,10 @@ from migrator.errors import (
 )
 from migrator.ledger.repo import Ledger, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
+from migrator.logs import event
 from migrator.notify import Notifier, StageWatch
 from migrator.plan import PlanTotals, plan_job, plan_pages
-from migrator.progress import RunDisplay, Snapshot
+from migrator.progress import RunDisplay, Snapshot, Workers
 from migrator.spawn import start_fork_server
 from migrator.storage import s3
 from migrator.storage.common import ListedObject
@@ -183,6 +184,7 @@ def run_job(
     console: Console | None = None,
     quiet: bool = False,
     max_delete: int | None = None,
+    log_format: str = "text",
 ) -> int:
     """``migrator run``: plan if needed, then process every stage until done; resumable.
     ``max_delete`` caps the sources this run deletes (rclone's ``--max-delete``)."""
@@ -191,7 +193,7 @@ def run_job(
     _start_checks(cfg, console)
     res = preflight(cfg)
     planner: Planner | None = None
-    notifier = Notifier(cfg.notify, cfg.job)
+    notifier = Announcer(Notifier(cfg.notify, cfg.job))
     try:
         res.ledger.ensure_job(cfg.safe_summary()["source"], cfg.safe_summary()["destination"])
         freed = res.ledger.reclaim_dead_local_leases()
@@ -213,7 +215,9 @@ def run_job(
                 + (" (still planning)" if planner is not None else ""),
                 counts=counts,
             )
-        code = _supervise(cfg, ctx, res.ledger, console, quiet, max_delete, planner, notifier)
+        code = _supervise(
+            cfg, ctx, res.ledger, console, quiet, max_delete, planner, notifier, log_format
+        )
         if planner is not None and planner.error is not None:
             raise planner.error
         if notifier.active:
@@ -230,7 +234,32 @@ def run_job(
     return code
 
 
-def _notify_end(notifier: Notifier, code: int, ledger: Ledger) -> None:
+class Announcer:
+    """The run's own events (started, a stage completed, failed, finished): to the webhook
+    when one is configured, and to the log (``run_started`` … at INFO: JSON logs, ``-v``)."""
+
+    LOG_NAMES: ClassVar[dict[str, str]] = {
+        "started": "run_started",
+        "failed": "run_failed",
+        "finished": "run_finished",
+    }
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+
+    @property
+    def active(self) -> bool:
+        return self.notifier.active or log.isEnabledFor(logging.INFO)
+
+    def send(self, name: str, text: str, **fields: Any) -> None:
+        event(log, logging.INFO, self.LOG_NAMES.get(name, name), text, **fields)
+        self.notifier.send(name, text, **fields)
+
+    def close(self) -> None:
+        self.notifier.close()
+
+
+def _notify_end(notifier: Announcer, code: int, ledger: Ledger) -> None:
     try:
         counts = ledger.counts()
     except SQLAlchemyError:  # the run's own end message has the counts; the event goes anyway
@@ -258,6 +287,7 @@ def run_until_converged(
     quiet: bool = False,
     max_delete: int | None = None,
     before_plan: Callable[[int], None] | None = None,
+    log_format: str = "text",
 ) -> int:
     """``migrator run --until-converged N``: for a bucket the application still writes to.
 
@@ -293,7 +323,9 @@ def run_until_converged(
                 return _without_deletes(counts, console)
             return finish_message(cfg, counts, console)
         console.print(f"{summary}; {left:,} objects to finish; copying ...", highlight=False)
-        code = run_job(cfg, console=console, quiet=quiet, max_delete=max_delete)
+        code = run_job(
+            cfg, console=console, quiet=quiet, max_delete=max_delete, log_format=log_format
+        )
         if code == EXIT_FAILED_ROWS and max_delete == 0:  # it exits 1 while deletes wait
             counts = _job_counts(cfg)
             code = EXIT_FAILED_ROWS if _unfinished(counts, 0) else EXIT_OK
@@ -355,7 +387,8 @@ def _supervise(
     quiet: bool,
     max_delete: int | None,
     planner: Planner | None = None,
-    notifier: Notifier | None = None,
+    notifier: Announcer | None = None,
+    log_format: str = "text",
 ) -> int:
     budget = ctx.Value("q", -1 if max_delete is None else max_delete)
     stages = ("copy",) + (("rewrite",) if cfg.app_db is not None else ())
@@ -378,7 +411,7 @@ def _supervise(
         serial[0] += 1
         p = ctx.Process(
             target=worker_main,
-            args=(cfg, serial[0], stop_event, level, budget),
+            args=(cfg, serial[0], stop_event, level, budget, log_format),
             name=f"migrator-worker-{serial[0]}",
         )
         p.start()
@@ -386,7 +419,7 @@ def _supervise(
         procs[owner] = p
         owners.append(owner)
 
-    display = RunDisplay(cfg, console, quiet=quiet)
+    display = RunDisplay(cfg, console, quiet=quiet, structured=log_format == "json")
     restarts = 0
     gave_up = False
     try:
@@ -424,8 +457,13 @@ def _supervise(
                         gave_up = True
             try:
                 planning = planner is not None and planner.is_alive()
-                counts = ledger.counts()
-                display.update(Snapshot.from_counts(counts), len(procs), planning=planning)
+                counts, sizes = ledger.totals()
+                display.update(
+                    Snapshot.from_counts(counts, sizes),
+                    Workers(len(procs), cfg.workers, restarts),
+                    planning=planning,
+                    s3_retries=ledger.s3_retries(),
+                )
                 planned = planner is None or (not planning and planner.error is None)
                 if notifier is not None and notifier.active:
                     for stage in watch.completed(counts, planned):

@@ -185,12 +185,17 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
 
 
 def worker_main(
-    cfg: Config, serial: int, stop: Any, log_level: int, delete_budget: Any = None
+    cfg: Config,
+    serial: int,
+    stop: Any,
+    log_level: int,
+    delete_budget: Any = None,
+    log_format: str = "text",
 ) -> None:
     """Entry point of a worker process; its lease owner id carries its own PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor tells us to stop
     owner = lease_owner_id(serial)
-    setup_logging(log_level, owner)
+    setup_logging(log_level, owner, log_format, cfg.job)
     try:
         code = run_worker(cfg, owner, stop, delete_budget)
     except MigratorError as exc:

@@ -765,10 +765,15 @@ class Ledger:
     # -- reading --------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Objects per state, from the counts the triggers keep (a few rows, not the job's)."""
-        return {s: n for s, (n, _) in self._state_totals().items()}
+        return self.totals()[0]
 
     def bytes_by_state(self) -> dict[str, int]:
-        return {s: b for s, (_, b) in self._state_totals().items()}
+        return self.totals()[1]
+
+    def totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Objects and bytes per state, in one query."""
+        got = self._state_totals()
+        return {s: n for s, (n, _) in got.items()}, {s: b for s, (_, b) in got.items()}
 
     def _state_totals(self) -> dict[str, tuple[int, int]]:
         old = _unfolded(_now_seconds(self.engine))
