@@ -410,15 +410,10 @@ def _print_status(doc: dict[str, Any]) -> None:
 
 
 @main.command()
+@config_option
 @click.option(
-    "--config",
-    "config_path",
-    default="config.yaml",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Job configuration file whose ledger to read (unless --ledger is given).",
+    "--ledger", "ledger_url", default=None, help="Ledger URL to read instead of the config's."
 )
-@click.option("--ledger", "ledger_url", default=None, help="Ledger URL to read instead.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
 @handle_errors
 def jobs(config_path: Path, ledger_url: str | None, as_json: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -189,3 +190,19 @@ def sqlite_job(tmp_path: Path, s3: Any, endpoint: str, *, with_app: bool, **kw: 
     return make_job(
         tmp_path, s3, endpoint, ledger=f"sqlite:///{tmp_path / 'ledger.db'}", app=app, **kw
     )
+
+
+def deny_deletes(s3: Any, bucket: str, keys: set[str]) -> None:
+    """A bucket policy under which DeleteObjects refuses these keys (AccessDenied per key)."""
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:DeleteObject",
+                "Resource": [f"arn:aws:s3:::{bucket}/{k}" for k in sorted(keys)],
+            }
+        ],
+    }
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))

@@ -188,6 +188,17 @@ def test_fold_keeps_the_counts_and_recent_rows(engine: Engine, ledger: Ledger) -
     assert (ledger.counts(), ledger.bytes_by_state()) == before
 
 
+def old_count_rows(engine: Engine) -> list[tuple[str, int, int]]:
+    """(state, second, objects) of the job's count rows written in 1970."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(state_counts.c.state, state_counts.c.second, state_counts.c.objects)
+            .where(state_counts.c.job == JOB, state_counts.c.second.between(1, 10**6))
+            .order_by(state_counts.c.state)
+        ).all()
+    return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+
 def test_counts_fold_themselves_when_old_rows_pile_up(
     engine: Engine, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,23 +218,12 @@ def test_counts_fold_themselves_when_old_rows_pile_up(
             )
     expected = ledger.counts()  # sees 10 old rows and folds them
     assert expected["done"] == 5 and expected["pending"] == 5
-    with engine.connect() as conn:
-        left = conn.execute(
-            sa.select(state_counts.c.state, state_counts.c.second, state_counts.c.objects)
-            .where(state_counts.c.job == JOB, state_counts.c.second.between(1, 10**6))
-            .order_by(state_counts.c.state)
-        ).all()
-    assert [tuple(r) for r in left] == [("done", 960, 5), ("pending", 960, -5)]  # one minute
+    left = old_count_rows(engine)
+    assert left == [("done", 960, 5), ("pending", 960, -5)]  # one row per state and minute
     assert ledger.counts() == expected
     monkeypatch.setattr(repo, "FOLD_WHEN_ROWS", 1)  # minute rows are not counted as foldable:
     assert ledger.counts() == expected  # a read does not fold them again (into themselves)
-    with engine.connect() as conn:
-        again = conn.execute(
-            sa.select(state_counts.c.state, state_counts.c.second, state_counts.c.objects)
-            .where(state_counts.c.job == JOB, state_counts.c.second.between(1, 10**6))
-            .order_by(state_counts.c.state)
-        ).all()
-    assert again == left
+    assert old_count_rows(engine) == left
 
 
 def test_done_rate_counts_the_last_window_only(engine: Engine, ledger: Ledger) -> None:

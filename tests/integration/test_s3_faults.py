@@ -43,6 +43,7 @@ from tests.helpers import (
     Job,
     app_paths,
     assert_converged,
+    deny_deletes,
     invariant_violations,
     list_keys,
     make_job,
@@ -564,18 +565,7 @@ def test_delete_objects_per_key_errors_are_not_done_and_a_rerun_finishes_them(
     )
     src = job.cfg.source
     denied = {job.objects[i].key for i in (2, 9, 17)}
-    deny = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": "s3:DeleteObject",
-                "Resource": [f"arn:aws:s3:::{src.bucket}/{k}" for k in sorted(denied)],
-            }
-        ],
-    }
-    moto_s3.put_bucket_policy(Bucket=src.bucket, Policy=json.dumps(deny))
+    deny_deletes(moto_s3, src.bucket, denied)
     # The server really answers a batch with per-key errors in a 200 response.
     probe = sorted(denied)[0]
     answer = moto_s3.delete_objects(

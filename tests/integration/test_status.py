@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from migrator.status import error_code, eta_seconds, job_state
-from tests.helpers import run_cli, sqlite_job, write_config
+from tests.helpers import deny_deletes, run_cli, sqlite_job, write_config
 
 
 def test_status_groups_errors_and_reports_rates(
@@ -30,18 +30,7 @@ def test_status_groups_errors_and_reports_rates(
     for key in gone:  # deleted after plan: NoSuchKey, failed for good at the copy
         moto_s3.delete_object(Bucket=src.bucket, Key=key)
     denied = {o.key for o in job.objects[10:12]}  # their deletes are refused: AccessDenied
-    deny = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": "s3:DeleteObject",
-                "Resource": [f"arn:aws:s3:::{src.bucket}/{k}" for k in sorted(denied)],
-            }
-        ],
-    }
-    moto_s3.put_bucket_policy(Bucket=src.bucket, Policy=json.dumps(deny))
+    deny_deletes(moto_s3, src.bucket, denied)
     result = run_cli("run", "--quiet", "--config", str(job.config_path))
     assert result.returncode == 1, result.stderr
 
