@@ -247,9 +247,11 @@ def print_summary(
         f"            {directory / 'migrator.db'}  the ledger (SQLite)\n"
         f"            {directory / 'app.db'}  the app database, table avatars\n"
         f"  next      migrator status --config {config}\n"
+        f"            migrator report --config {config} --summary\n"
         f"            migrator report --config {config} --out {directory / 'report.csv'}\n"
+        f"            migrator jobs --config {config}\n"
         "  (the S3 server has stopped with the demo, so plan, run and verify on this config\n"
-        "   need a new one; status and report read only the ledger)",
+        "   need a new one; status, report and jobs read only the ledger)",
         flush=True,
     )
 
