@@ -35,6 +35,8 @@ class ListedObject(NamedTuple):  # a tuple: a million of them are built per mill
     size: int
     etag: str
     last_modified: datetime | None
+    # None for STANDARD, the class a copy gets without asking (or a listing that says none)
+    storage_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class S3OperationError(Exception):
 
 def strip_etag(etag: str) -> str:
     return etag.strip('"')
+
+
+def listed_class(text: str | None) -> str | None:
+    """A listed storage class as :class:`ListedObject` keeps it: None for ``STANDARD``."""
+    return None if not text or text == "STANDARD" else text
 
 
 def classify_code(code: str, status: int | None, message: str) -> S3OperationError:

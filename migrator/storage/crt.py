@@ -44,6 +44,7 @@ from migrator.storage.common import (
     ListedObject,
     S3OperationError,
     classify_code,
+    listed_class,
     strip_etag,
 )
 
@@ -370,6 +371,7 @@ _ETAG = re.compile(rb"<ETag>([^<]*)</ETag>")
 _CONTENTS = re.compile(
     rb"<Contents><Key>([^<]*)</Key><LastModified>([^<]*)</LastModified>"
     rb"<ETag>([^<]*)</ETag>(?:<Checksum\w+>[^<]*</Checksum\w+>)*<Size>(\d+)</Size>"
+    rb"(?:<Owner>.*?</Owner>)?(?:<StorageClass>([^<]*)</StorageClass>)?"
 )
 
 
@@ -386,16 +388,17 @@ def parse_listing(body: bytes) -> tuple[list[ListedObject], str | None]:
     truncated = b"<IsTruncated>true</IsTruncated>" in body
     token = _TOKEN.search(body)
     objects = []
-    for key, modified, etag, size in matches:
+    for key, modified, etag, size, storage_class in matches:
         text = key.decode()
         if "&" in text:
             text = html.unescape(text)
         objects.append(
             ListedObject(
-                key=unquote_plus(text) if encoded else text,
-                size=int(size),
-                etag=_unquote_etag(etag),
-                last_modified=datetime.fromisoformat(modified.decode()),
+                unquote_plus(text) if encoded else text,
+                int(size),
+                _unquote_etag(etag),
+                datetime.fromisoformat(modified.decode()),
+                None if storage_class in _STANDARD else storage_class.decode(),
             )
         )
     if not truncated:
@@ -408,6 +411,7 @@ def _unquote_etag(raw: bytes) -> str:
     return raw.decode().replace("&quot;", "").replace("&#34;", "").strip('"')
 
 
+_STANDARD = (b"", b"STANDARD")  # listed as None (``listed_class``)
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 
 
@@ -427,6 +431,7 @@ def _parse_listing(root: ET.Element) -> tuple[list[ListedObject], str | None]:
                     size=int(f["Size"]),
                     etag=strip_etag(f.get("ETag", "")),
                     last_modified=datetime.fromisoformat(modified) if modified else None,
+                    storage_class=listed_class(f.get("StorageClass")),
                 )
             )
         elif tag == "NextContinuationToken":
@@ -436,9 +441,7 @@ def _parse_listing(root: ET.Element) -> tuple[list[ListedObject], str | None]:
         elif tag == "EncodingType":
             encoded = elem.text == "url"
     if encoded:
-        objects = [
-            ListedObject(unquote_plus(o.key), o.size, o.etag, o.last_modified) for o in objects
-        ]
+        objects = [o._replace(key=unquote_plus(o.key)) for o in objects]
     return objects, token if truncated else None
 
 

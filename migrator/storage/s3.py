@@ -30,6 +30,7 @@ from migrator.storage.common import (
     ListedObject,
     S3OperationError,
     classify_code,
+    listed_class,
     strip_etag,
 )
 from migrator.storage.crt import CrtS3
@@ -180,6 +181,7 @@ def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObj
                 size=int(o["Size"]),
                 etag=strip_etag(o["ETag"]),
                 last_modified=o.get("LastModified"),
+                storage_class=listed_class(o.get("StorageClass")),
             )
             for o in page.get("Contents", ())
         ]
