@@ -39,7 +39,9 @@ from xml.sax.saxutils import escape
 
 from awscrt import auth, http, io
 
+from migrator.storage.attributes import DEFAULT_ATTRIBUTES, ObjectAttributes
 from migrator.storage.common import (
+    CopyItem,
     ErrorKind,
     ListedObject,
     S3OperationError,
@@ -289,25 +291,34 @@ class CrtS3:
         self,
         src_bucket: str,
         dst_bucket: str,
-        items: Sequence[tuple[str, str, str]],
+        items: Sequence[CopyItem],
         *,
         if_absent: bool,
         stop: Any = None,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
     ) -> list[str | S3OperationError | None]:
-        """Server-side copies of ``(source key, destination key, source ETag)``; the result per
-        item is the destination ETag, an error, or None (not sent). Same preconditions as
+        """Server-side copies of ``CopyItem``s; the result per item is the destination ETag, an
+        error, or None (not sent). Same preconditions and object attributes as
         :func:`migrator.storage.s3.copy`."""
         requests = []
-        for src_key, dst_key, etag in items:
+        extra = attrs.copy_headers  # the job's; a REPLACE directive among them replaces COPY
+        if not attrs.replace_metadata:
+            extra = (("x-amz-metadata-directive", "COPY"), *extra)
+        for item in items:
             headers = [
                 ("content-length", "0"),
-                ("x-amz-copy-source", uri_encode(f"{src_bucket}/{src_key}")),
-                ("x-amz-copy-source-if-match", f'"{etag}"'),
-                ("x-amz-metadata-directive", "COPY"),
+                ("x-amz-copy-source", uri_encode(f"{src_bucket}/{item.source_key}")),
+                ("x-amz-copy-source-if-match", f'"{item.etag}"'),
+                *extra,
             ]
+            storage_class = attrs.storage_class or item.storage_class
+            if storage_class is not None:
+                headers.append(("x-amz-storage-class", storage_class))
             if if_absent:
                 headers.append(("if-none-match", "*"))
-            requests.append(Request("PUT", dst_key, headers=headers, expect=b"</CopyObjectResult>"))
+            requests.append(
+                Request("PUT", item.dest_key, headers=headers, expect=b"</CopyObjectResult>")
+            )
         results: list[str | S3OperationError | None] = []
         for resp in self.send(dst_bucket, requests, stop):
             if isinstance(resp, Response):
