@@ -128,6 +128,22 @@ class ObjectAttributes:
             headers.append(("x-amz-acl", self.acl))
         return headers
 
+    # -- migrator check: the write probe ---------------------------------------------------
+    def probe_args(self) -> dict[str, Any]:
+        """``PutObject`` arguments for ``migrator check``'s probe object: the encryption, KMS
+        key and ACL the copies get, which S3 checks rights and settings for (not the storage
+        class: an archive class would bill a minimum duration for the probe)."""
+        return self._write_args()
+
+    def probe_labels(self) -> list[str]:
+        labels = []
+        if self.sse is not None:
+            key = f" key {self.kms_key_id}" if self.kms_key_id else ""
+            labels.append(f"{'SSE-KMS' if self.sse == 'aws:kms' else 'SSE-S3'}{key}")
+        if self.acl is not None:
+            labels.append(f"ACL {self.acl}")
+        return labels
+
     # -- boto3: keyword arguments --------------------------------------------------------
     def _write_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {}
