@@ -5,8 +5,9 @@ would fail or do harm) or ``skip`` (not applicable, or not safely testable). The
 chosen to change nothing that matters: the source's delete right is probed by deleting a key
 that does not exist (skipped on a versioned bucket, where that would leave a delete marker),
 the destination's write right by writing an empty probe object and removing it again (its
-version too, on a versioned bucket). ``run`` repeats the checks that cost no listing and no
-probe (``start_checks``) and prints the warnings.
+version too, on a versioned bucket) — written as the copies will be (the job's encryption,
+KMS key and ACL), and read back when it is SSE-KMS. ``run`` repeats the checks that cost no
+listing and no probe (``start_checks``) and prints the warnings.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
@@ -66,6 +68,7 @@ class _Side:
         self.cfg, self.loc, self.side = cfg, loc, side
         self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
         self.versioning = ""  # "", "Enabled" or "Suspended"
+        self.bucket_region: str | None = loc.region  # as HeadBucket says, once checked
         self.where = f"s3://{loc.bucket}/{loc.prefix}"
 
     @functools.cached_property
@@ -117,6 +120,7 @@ class _Side:
             region = s3.check_bucket(self.client, self.loc, self.side)
         except MigratorError as exc:
             return self.item("bucket", "fail", str(exc))
+        self.bucket_region = region or self.bucket_region
         if region and self.loc.region and region != self.loc.region:
             return self.item(
                 "bucket",
@@ -182,22 +186,109 @@ class _Side:
         return self.item("delete", "ok", "can delete (probed with a key that does not exist)")
 
     def write_right(self) -> Item:
+        """Write an empty probe object as the copies will be written (encryption, KMS key,
+        ACL: what S3 checks rights and settings for), read it back if it is SSE-KMS (copies
+        in parts and their verification need ``kms:Decrypt``), and remove it."""
         key = self.probe_key()
+        attrs = self.cfg.attributes
+        write = attrs.probe_args()
+        how = "".join(f", {label}" for label in attrs.probe_labels())
         try:
-            put = self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=b"")
+            put = self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=b"", **write)
         except (ClientError, BotoCoreError) as exc:
-            return self.item("write", "fail", f"cannot write to {self.where}: {_s3_reason(exc)}")
+            return self.item(
+                "write", "fail", f"cannot write to {self.where}{how}: {_s3_reason(exc)}"
+            )
         extra = {"VersionId": put["VersionId"]} if put.get("VersionId") else {}
+        read_back: Item | None = None
+        if attrs.sse == "aws:kms":
+            try:
+                self.client.get_object(Bucket=self.loc.bucket, Key=key, **extra)["Body"].close()
+            except (ClientError, BotoCoreError) as exc:
+                read_back = self.item(
+                    "write",
+                    "fail",
+                    f"can write{how}, but not read back ({_s3_reason(exc)}): copies in parts "
+                    "and their verification need kms:Decrypt on the key",
+                )
         try:
             self.client.delete_object(Bucket=self.loc.bucket, Key=key, **extra)
         except (ClientError, BotoCoreError) as exc:
             return self.item(
                 "write",
-                "warn",
-                f"can write, but the probe object {key} could not be removed "
+                "warn" if read_back is None else "fail",
+                f"can write{how}, but the probe object {key} could not be removed "
                 f"({_s3_reason(exc)}); delete it by hand",
             )
-        return self.item("write", "ok", "can write (an empty probe object, removed again)")
+        if read_back is not None:
+            return read_back
+        return self.item("write", "ok", f"can write{how} (an empty probe object, removed again)")
+
+    def kms_key(self) -> Item:
+        """``sse: aws:kms``: the key exists, is enabled, encrypts, and is in the bucket's
+        region (S3 uses no key of another region), asked with this side's credentials. A key
+        the credentials may not describe is left to the write probe, which uses it."""
+        key = self.cfg.kms_key_id
+        if key is None:
+            return self.item(
+                "kms key",
+                "ok",
+                "the AWS managed key aws/s3 (S3 creates it on first use; the write probe uses it)",
+            )
+        # The S3 endpoint serves KMS too where it is an emulator (moto); a network with a route
+        # to S3 only (a VPC endpoint) answers late or never: a short timeout, few retries.
+        kms = self.factory.session.client(
+            "kms",
+            endpoint_url=self.loc.endpoint_url,
+            region_name=self.loc.region,
+            config=BotoConfig(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}),
+        )
+        try:
+            meta = kms.describe_key(KeyId=key)["KeyMetadata"]
+        except ClientError as exc:
+            code = s3.error_code(exc)
+            if code in ("NotFoundException", "InvalidArnException"):
+                return self.item(
+                    "kms key",
+                    "fail",
+                    f"KMS key {key} not found ({_s3_reason(exc)}); fix kms_key_id (a key of "
+                    "another account by its ARN)",
+                )
+            return self.item(
+                "kms key",
+                "warn",
+                f"cannot describe KMS key {key} ({_s3_reason(exc)}); grant kms:DescribeKey to "
+                "check it (the write probe of migrator check uses it)",
+            )
+        except BotoCoreError as exc:
+            return self.item(
+                "kms key", "warn", f"KMS not reachable ({exc}); the write probe uses the key"
+            )
+        finally:
+            kms.close()
+        state, arn = meta.get("KeyState"), meta.get("Arn", key)
+        if state != "Enabled":
+            return self.item(
+                "kms key", "fail", f"KMS key {arn} is {state}; enable it or fix kms_key_id"
+            )
+        if (
+            meta.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT"
+            or meta.get("KeySpec", "SYMMETRIC_DEFAULT") != "SYMMETRIC_DEFAULT"
+        ):
+            return self.item(
+                "kms key",
+                "fail",
+                f"KMS key {arn} is not a symmetric encryption key; S3 encrypts only with one",
+            )
+        region = arn.split(":")[3] if arn.startswith("arn:") else None
+        if region and self.bucket_region and region != self.bucket_region:
+            return self.item(
+                "kms key",
+                "fail",
+                f"KMS key {arn} is in {region}, bucket {self.loc.bucket} in "
+                f"{self.bucket_region}; S3 needs a key in the bucket's region",
+            )
+        return self.item("kms key", "ok", f"{arn} is enabled for encryption")
 
 
 def _side_items(cfg: Config, check: _Side) -> list[Item]:
@@ -216,6 +307,8 @@ def _side_items(cfg: Config, check: _Side) -> list[Item]:
         if cfg.delete_source != "never":
             items.append(check.delete_right())
     else:
+        if cfg.sse == "aws:kms":
+            items.append(check.kms_key())
         items.append(check.write_right())
     return items
 
@@ -337,7 +430,8 @@ def run_checks(cfg: Config) -> list[Item]:
 def start_checks(cfg: Config) -> list[Item]:
     """What ``run`` checks before its pre-flight: the items that cost no listing and no
     probe — credentials, the source's versioning when sources are deleted (one request), the
-    app column's index. Buckets, the app table and the ledger are pre-flight's own checks."""
+    destination's KMS key under SSE-KMS (one request), the app column's index. Buckets, the
+    app table and the ledger are pre-flight's own checks."""
     items: list[Item] = []
     for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
         check = _Side(cfg, loc, side)
@@ -346,6 +440,8 @@ def start_checks(cfg: Config) -> list[Item]:
             versioning = check.versioning_state()
             if check.versioning:  # known to be on; a refused read is pre-flight's to report
                 items.append(versioning)
+        if side == "destination" and cfg.sse == "aws:kms" and items[-1].status == "ok":
+            items.append(check.kms_key())  # one request: a mistyped key stops the run here
         check.close()
     if cfg.app_db is not None:
         items += [i for i in _app_items(cfg) if i.check.startswith("app index")]

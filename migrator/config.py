@@ -5,17 +5,32 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from migrator.errors import ConfigError, redact
 from migrator.keys import KeyRule, glob_to_regex, prefixes_overlap
+from migrator.storage.attributes import (
+    CANNED_ACLS,
+    CONTENT_HEADERS,
+    STORAGE_CLASSES,
+    ObjectAttributes,
+)
 from migrator.storage.multipart import MAX_PART_SIZE, MAX_SINGLE_COPY, MIB, MIN_PART_SIZE
 
 ENV_LEDGER = "MIGRATOR_LEDGER"
@@ -291,6 +306,96 @@ class NotifyConfig(_Strict):
         return v
 
 
+_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;.*)?$")
+_META_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_TAG_TEXT = re.compile(r"^[\w .:/=+\-@]*$")
+MAX_HEADER_CHARS = 1024
+MAX_USER_METADATA = 2048  # bytes of names and values, S3's limit
+MAX_TAGS = 10
+_KMS_KEY = re.compile(
+    r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(key|alias)/.+"
+    r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    r"|mrk-[0-9a-f]{32}"
+    r"|alias/[A-Za-z0-9/_-]+)$"
+)
+
+
+def _header_value(v: str) -> str:
+    """A value sent as an HTTP header: printable ASCII on one line, no padding."""
+    if not _PRINTABLE.match(v) or v != v.strip():
+        raise ValueError(
+            f"{_short(v)} must be printable ASCII on one line without surrounding spaces "
+            "(it is sent as an HTTP header)"
+        )
+    if len(v) > MAX_HEADER_CHARS:
+        raise ValueError(f"{_short(v)} is longer than {MAX_HEADER_CHARS} characters")
+    return v
+
+
+class MetadataValues(_Strict):
+    """What every copy gets with ``metadata: replace``: S3 then keeps none of the source's
+    content headers or user metadata, so whatever is not given here is not set."""
+
+    content_type: str | None = None
+    cache_control: str | None = None
+    content_disposition: str | None = None
+    content_encoding: str | None = None
+    content_language: str | None = None
+    expires: datetime | None = None
+    user: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator(
+        "content_type",
+        "cache_control",
+        "content_disposition",
+        "content_encoding",
+        "content_language",
+    )
+    @classmethod
+    def _headers(cls, v: str | None) -> str | None:
+        return None if v is None else _header_value(v)
+
+    @field_validator("content_type")
+    @classmethod
+    def _media_type(cls, v: str | None) -> str | None:
+        if v is not None and not _MEDIA_TYPE.match(v):
+            raise ValueError(f"{_short(v)} is not a media type such as image/png")
+        return v
+
+    @field_validator("expires", mode="before")
+    @classmethod
+    def _expires(cls, v: Any) -> Any:
+        if isinstance(v, bool | int | float):
+            raise ValueError(f"{v!r} is not a date and time; write e.g. 2031-01-01T00:00:00Z")
+        if isinstance(v, date) and not isinstance(v, datetime):
+            return datetime.combine(v, time(), tzinfo=UTC)
+        return v
+
+    @field_validator("expires")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _META_NAME.match(name):
+                raise ValueError(
+                    f"name {_short(name)} must be lowercase letters, digits, '-', '_' or '.' "
+                    "(without x-amz-meta-; S3 stores names in lowercase)"
+                )
+            if not _PRINTABLE.match(value):
+                raise ValueError(f"{name}: {_short(value)} must be printable ASCII on one line")
+        size = sum(len(k) + len(x) for k, x in v.items())
+        if size > MAX_USER_METADATA:
+            raise ValueError(
+                f"{size} bytes of names and values; S3 keeps at most {MAX_USER_METADATA}"
+            )
+        return v
+
+
 class Config(_Strict):
     job: str
     ledger: str = "sqlite:///migrator.db"
@@ -334,6 +439,91 @@ class Config(_Strict):
         return v
 
     keys: Keys = Keys()
+    # Object attributes of the copies (docs/configuration.md#object-attributes): by default
+    # CopyObject's own (content headers, user metadata, tags) and the listed storage class.
+    metadata: Literal["copy", "replace"] = "copy"
+    metadata_values: MetadataValues | None = Field(default=None, validate_default=True)
+    tags: Literal["copy", "replace"] = "copy"
+    tag_values: dict[str, str] | None = Field(default=None, validate_default=True)
+    storage_class: str = "copy"
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = Field(default=None, validate_default=True)
+    acl: str | None = None
+
+    @field_validator("metadata_values")
+    @classmethod
+    def _metadata_values(cls, v: MetadataValues | None, info: ValidationInfo) -> Any:
+        mode = info.data.get("metadata")
+        if mode == "replace" and v is None:
+            raise ValueError(
+                "is required with metadata: replace: the content headers (content_type, …) "
+                "and user metadata every copy gets, as S3 then keeps none of the source's"
+            )
+        if mode == "copy" and v is not None:
+            raise ValueError("is used only with metadata: replace; remove it or set that")
+        return v
+
+    @field_validator("tag_values")
+    @classmethod
+    def _tag_values(cls, v: dict[str, str] | None, info: ValidationInfo) -> Any:
+        mode = info.data.get("tags")
+        if mode == "replace" and v is None:
+            raise ValueError(
+                "is required with tags: replace: the tags every copy gets ({} for none)"
+            )
+        if mode == "copy" and v is not None:
+            raise ValueError("is used only with tags: replace; remove it or set that")
+        if v is None:
+            return v
+        if len(v) > MAX_TAGS:
+            raise ValueError(f"{len(v)} tags; S3 allows at most {MAX_TAGS} per object")
+        for key, value in v.items():
+            if not 1 <= len(key) <= 128 or key.lower().startswith("aws:"):
+                raise ValueError(
+                    f"tag key {_short(key)} must be 1-128 characters and not start with aws:"
+                )
+            if len(value) > 256:
+                raise ValueError(f"tag {key}: value longer than 256 characters")
+            for text in (key, value):
+                if not _TAG_TEXT.match(text):
+                    raise ValueError(
+                        f"tag {_short(text)} may hold only letters, digits, spaces and "
+                        "_ . : / = + - @"
+                    )
+        return v
+
+    @field_validator("storage_class")
+    @classmethod
+    def _storage_class(cls, v: str) -> str:
+        if v != "copy" and v not in STORAGE_CLASSES:
+            raise ValueError(
+                f"{_short(v)} is not a storage class: use copy (each object keeps its own) "
+                "or one of " + ", ".join(STORAGE_CLASSES)
+            )
+        return v
+
+    @field_validator("kms_key_id")
+    @classmethod
+    def _kms_key_id(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        if info.data.get("sse") != "aws:kms":
+            raise ValueError("is used only with sse: aws:kms; set that or remove kms_key_id")
+        if not _KMS_KEY.match(v):
+            raise ValueError(
+                f"{_short(v)} is not a KMS key: give its key id, key ARN, alias/NAME or alias "
+                "ARN (a key of another account by its ARN)"
+            )
+        return v
+
+    @field_validator("acl")
+    @classmethod
+    def _acl(cls, v: str | None) -> str | None:
+        if v is not None and v not in CANNED_ACLS:
+            raise ValueError(
+                f"{_short(v)} is not a canned ACL: use one of " + ", ".join(CANNED_ACLS)
+            )
+        return v
 
     @field_validator("job")
     @classmethod
@@ -410,6 +600,31 @@ class Config(_Strict):
             self.keys.replace,
             self.keys.include,
             self.keys.exclude,
+        )
+
+    @property
+    def attributes(self) -> ObjectAttributes:
+        """What the copies set on the destination objects (``storage/attributes.py``)."""
+        content: tuple[tuple[str, str | datetime], ...] = ()
+        user: tuple[tuple[str, str], ...] = ()
+        if self.metadata_values is not None:
+            values = self.metadata_values
+            content = tuple(
+                (name, getattr(values, name))
+                for name, _, _ in CONTENT_HEADERS
+                if getattr(values, name) is not None
+            )
+            user = tuple(values.user.items())
+        return ObjectAttributes(
+            replace_metadata=self.metadata == "replace",
+            content=content,
+            user=user,
+            replace_tags=self.tags == "replace",
+            tags=tuple((self.tag_values or {}).items()),
+            storage_class=None if self.storage_class == "copy" else self.storage_class,
+            sse=self.sse,
+            kms_key_id=self.kms_key_id,
+            acl=self.acl,
         )
 
     @property

@@ -10,7 +10,8 @@ What each action is for (the S3 API call that needs it):
 * source ``s3:ListBucket``: ``plan`` (ListObjectsV2), the pre-flight ``HeadBucket``, and a
   404 rather than a 403 for a source deleted since the plan; ``s3:GetObject``:
   ``CopyObject``'s read of the source, and ``HeadObject`` when a copy is refused (412);
-  ``s3:GetObjectTagging``: ``CopyObject`` copies the tags; ``s3:DeleteObject``:
+  ``s3:GetObjectTagging``: ``CopyObject`` copies the tags (not with ``tags: replace``);
+  ``s3:DeleteObject``:
   ``DeleteObjects`` of migrated sources.
 * destination ``s3:PutObject`` (+ ``s3:PutObjectTagging``): ``CopyObject``'s write, and the
   parts of a multipart copy; ``s3:GetObject``: ``HeadObject`` (verify, conflicts, ``migrator
@@ -18,6 +19,16 @@ What each action is for (the S3 API call that needs it):
   than a 403 for a missing key; ``s3:AbortMultipartUpload`` and
   ``s3:ListBucketMultipartUploads``: cleaning up incomplete multipart uploads.
 * both: ``s3:GetBucketVersioning`` and ``s3:GetBucketLocation`` for ``migrator check``.
+* destination with ``acl``: ``s3:PutObjectAcl`` (a copy that sets a canned ACL).
+* destination with ``sse: aws:kms`` and a ``kms_key_id``: on that key ``kms:GenerateDataKey``
+  (S3 encrypts each copy), ``kms:Decrypt`` (S3 reads the parts of a multipart copy, and
+  ``HeadObject`` with checksums, which verifies SSE-KMS copies, needs it) and
+  ``kms:DescribeKey`` (``migrator check``). The key is named by its ARN; a key id or alias
+  without one leaves region and account open (``*``), an alias is matched by the key's
+  aliases (``kms:ResourceAliases``). Without ``kms_key_id`` S3 uses the AWS managed key
+  ``aws/s3``, whose key policy already lets the account use it through S3: no statement.
+  Sources that are themselves SSE-KMS need ``kms:Decrypt`` on their keys for the source's
+  principal; migrator cannot know those keys from the config.
 
 Object statements are limited to ``bucket/prefix*``; bucket statements cannot be (see
 ``_bucket_statement``). A prefix holding ``*`` or ``?`` would widen the object resource, as
@@ -64,7 +75,9 @@ def _objects(sid: str, loc: Location, actions: list[str]) -> dict[str, Any]:
 
 def source_policy(cfg: Config) -> dict[str, Any]:
     src = cfg.source
-    objects = ["s3:GetObject", "s3:GetObjectTagging"]
+    objects = ["s3:GetObject"]
+    if cfg.tags == "copy":
+        objects.append("s3:GetObjectTagging")
     if cfg.delete_source != "never":
         objects.append("s3:DeleteObject")
     bucket = ["s3:ListBucket", "s3:GetBucketLocation", "s3:GetBucketVersioning"]
@@ -86,13 +99,35 @@ def destination_policy(cfg: Config) -> dict[str, Any]:
         "s3:GetBucketVersioning",
     ]
     objects = ["s3:PutObject", "s3:PutObjectTagging", "s3:GetObject", "s3:AbortMultipartUpload"]
-    return {
-        "Version": VERSION,
-        "Statement": [
-            _bucket_statement("DestinationBucket", dst, bucket),
-            _objects("DestinationObjects", dst, objects),
-        ],
+    if cfg.acl is not None:
+        objects.append("s3:PutObjectAcl")
+    statements = [
+        _bucket_statement("DestinationBucket", dst, bucket),
+        _objects("DestinationObjects", dst, objects),
+    ]
+    if cfg.sse == "aws:kms" and cfg.kms_key_id is not None:
+        statements.append(_kms_statement("DestinationKmsKey", dst, cfg.kms_key_id))
+    return {"Version": VERSION, "Statement": statements}
+
+
+def _kms_statement(sid: str, loc: Location, key: str) -> dict[str, Any]:
+    """Use of the destination's KMS key, named as exactly as ``kms_key_id`` allows."""
+    statement: dict[str, Any] = {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Action": ["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"],
     }
+    region, arn_partition, account = loc.region or "*", partition(loc.region), "*"
+    alias = key
+    if key.startswith("arn:"):  # arn:PARTITION:kms:REGION:ACCOUNT:key/ID or …:alias/NAME
+        _, arn_partition, _, region, account, alias = key.split(":", 5)
+    if not alias.startswith("alias/"):  # a key ARN or key id
+        key_id = alias.removeprefix("key/")
+        statement["Resource"] = f"arn:{arn_partition}:kms:{region}:{account}:key/{key_id}"
+        return statement
+    statement["Resource"] = f"arn:{arn_partition}:kms:{region}:{account}:key/*"
+    statement["Condition"] = {"ForAnyValue:StringEquals": {"kms:ResourceAliases": alias}}
+    return statement
 
 
 def policies(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote_plus
 
 from migrator.errors import ConfigError, StorageError
-from migrator.storage.common import ErrorKind, ListedObject, S3OperationError, strip_etag
+from migrator.storage.common import (
+    ErrorKind,
+    ListedObject,
+    S3OperationError,
+    listed_class,
+    strip_etag,
+)
 
 if TYPE_CHECKING:
     from migrator.config import Config
@@ -165,6 +171,7 @@ def csv_objects(stream: BinaryIO, fields: tuple[str, ...]) -> Iterator[ListedObj
     col = {name: i for i, name in enumerate(fields)}
     k, s, e = col["Key"], col["Size"], col["ETag"]
     m = col.get("LastModifiedDate")
+    c = col.get("StorageClass")
     latest, marker = col.get("IsLatest"), col.get("IsDeleteMarker")
     text = io.TextIOWrapper(gzip.GzipFile(fileobj=stream), encoding="utf-8", newline="")
     for row in csv.reader(text):
@@ -179,6 +186,7 @@ def csv_objects(stream: BinaryIO, fields: tuple[str, ...]) -> Iterator[ListedObj
             size=int(row[s]),
             etag=strip_etag(row[e]),
             last_modified=_timestamp(row[m]) if m is not None else None,
+            storage_class=listed_class(row[c]) if c is not None else None,
         )
 
 
@@ -188,11 +196,20 @@ def parquet_objects(source: BinaryIO) -> Iterator[ListedObject]:
 
     parquet = pq.ParquetFile(source)
     names = set(parquet.schema_arrow.names)
-    wanted = ["key", "size", "e_tag", "last_modified_date", "is_latest", "is_delete_marker"]
+    wanted = [
+        "key",
+        "size",
+        "e_tag",
+        "last_modified_date",
+        "storage_class",
+        "is_latest",
+        "is_delete_marker",
+    ]
     columns = [c for c in wanted if c in names]
     for batch in parquet.iter_batches(batch_size=PAGE_SIZE, columns=columns):
         data = batch.to_pydict()
         mtimes = data.get("last_modified_date") or [None] * batch.num_rows
+        classes = data.get("storage_class") or [None] * batch.num_rows
         latest = data.get("is_latest")
         marker = data.get("is_delete_marker")
         for i, key in enumerate(data["key"]):
@@ -203,7 +220,13 @@ def parquet_objects(source: BinaryIO) -> Iterator[ListedObject]:
             mtime = mtimes[i]
             if mtime is not None and mtime.tzinfo is None:
                 mtime = mtime.replace(tzinfo=UTC)
-            yield ListedObject(key, int(data["size"][i]), strip_etag(data["e_tag"][i]), mtime)
+            yield ListedObject(
+                key,
+                int(data["size"][i]),
+                strip_etag(data["e_tag"][i]),
+                mtime,
+                listed_class(classes[i]),
+            )
 
 
 def under_prefix(objects: Iterable[ListedObject], prefix: str) -> Iterator[ListedObject]:

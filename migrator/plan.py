@@ -54,7 +54,7 @@ def plan_page(
         first = owner.setdefault(dest, o.key)
         if first != o.key:
             raise ConfigError(collision_message(first, o.key, dest))
-        planned.append(Planned(o.key, dest, o.size, o.etag, o.last_modified))
+        planned.append(Planned(o.key, dest, o.size, o.etag, o.last_modified, o.storage_class))
     return planned, left_out
 
 

@@ -14,7 +14,16 @@ import pyarrow.parquet as pq
 from migrator.errors import ConfigError
 from migrator.ledger.repo import Ledger
 
-_TEXT = ("job", "source_key", "dest_key", "etag", "dest_etag", "state", "failed_stage")
+_TEXT = (
+    "job",
+    "source_key",
+    "dest_key",
+    "etag",
+    "dest_etag",
+    "storage_class",
+    "state",
+    "failed_stage",
+)
 SCHEMA = pa.schema(
     [(c, pa.string()) for c in _TEXT]
     + [("size", pa.int64()), ("attempts", pa.int64()), ("last_error", pa.string())]

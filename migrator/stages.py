@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,6 +24,8 @@ from migrator.ledger.repo import Ledger, ObjectRow
 from migrator.ledger.tables import Stage, State
 from migrator.logs import event
 from migrator.storage import s3
+from migrator.storage.attributes import OPAQUE_ETAG_SSE, ObjectAttributes
+from migrator.storage.common import CopyItem, same_content
 
 log = logging.getLogger("migrator.stages")
 
@@ -60,6 +62,10 @@ class ChunkContext:
     appdb: AppDatabase | None
     stop: Any  # has is_set(): the worker's StopFlag
     budget: DeleteBudget | None = None
+    attrs: ObjectAttributes = field(init=False)  # what the copies set (cfg.attributes)
+
+    def __post_init__(self) -> None:
+        self.attrs = self.cfg.attributes
 
 
 @dataclass(frozen=True)
@@ -74,17 +80,26 @@ class CopyOutcome:
 
 
 CopyResult = str | s3.MultipartCopy | s3.S3OperationError | None
+HeadResult = s3.Head | s3.S3OperationError | None
+Heads = tuple[HeadResult, HeadResult]  # the source's and the destination's, with checksums
 
 
-def _outcome(ctx: ChunkContext, row: ObjectRow, result: CopyResult, guarded: bool) -> CopyOutcome:
-    """What one copy request's result means for its row (more requests only on errors)."""
+def _outcome(
+    ctx: ChunkContext, row: ObjectRow, result: CopyResult, guarded: bool, heads: Heads | None
+) -> CopyOutcome:
+    """What one copy request's result means for its row (more requests only on errors, and
+    ``heads`` already fetched when the ETags could not be compared)."""
     if result is None:
         return CopyOutcome(row, not_sent=True)
     if isinstance(result, s3.S3OperationError):
         if guarded and result.kind is s3.ErrorKind.SOURCE_CHANGED:
             return _precondition_failed(ctx, row, result)
         return _copy_failed(ctx, row, result)
-    return _verify(ctx, row, result)
+    return _verify(ctx, row, result, heads)
+
+
+def _item(row: ObjectRow) -> CopyItem:
+    return CopyItem(row.source_key, row.dest_key, row.etag, row.storage_class)
 
 
 def _is_large(cfg: Config, row: ObjectRow) -> bool:
@@ -96,7 +111,7 @@ def _copy(ctx: ChunkContext, row: ObjectRow, *, if_absent: bool) -> str | s3.Mul
     src, dst = ctx.cfg.source, ctx.cfg.destination
     if not _is_large(ctx.cfg, row):
         return ctx.dest.copy(
-            src.bucket, row.source_key, dst.bucket, row.dest_key, row.etag, if_absent=if_absent
+            src.bucket, _item(row), dst.bucket, if_absent=if_absent, attrs=ctx.attrs
         )
     result = _copy_large(ctx, row, if_absent=if_absent, stop=None)
     if result is None:  # without a stop flag, only a lost lease leaves the upload uncompleted
@@ -125,6 +140,7 @@ def _copy_large(
         if_absent=if_absent,
         stop=stop,
         before_complete=lambda etag: ctx.ledger.record_dest_etag(ctx.owner, row.id, etag),
+        attrs=ctx.attrs,
     )
 
 
@@ -135,7 +151,10 @@ def _precondition_failed(
 
     The destination decides: absent → the source changed; the planned object → already
     copied (re-runs cost no copy); an object this job wrote before (a source that changed
-    since) → overwrite it; anything else is a conflict, handled per ``on_conflict``.
+    since) → overwrite it; anything else is a conflict, handled per ``on_conflict``. The
+    planned object is known by its ETag, or — where ETags cannot be compared (SSE-KMS on
+    either side) — by its size and checksum: a copy recorded nowhere because its worker was
+    killed right after it is found so.
     """
     try:
         found = ctx.dest.head(ctx.cfg.destination.bucket, row.dest_key)
@@ -145,17 +164,45 @@ def _precondition_failed(
             return CopyOutcome(row, dest_etag=found.etag)
         if row.dest_etag is not None and found.etag == row.dest_etag:
             return _verify(ctx, row, _copy(ctx, row, if_absent=False))
+        undecided = ""
+        if found.size == row.size:
+            src, dst = _content_heads(ctx, row)
+            if isinstance(src, s3.S3OperationError) and src.kind is s3.ErrorKind.SOURCE_CHANGED:
+                return _copy_failed(ctx, row, src)
+            for head in (src, dst):
+                if isinstance(head, s3.S3OperationError):
+                    raise head
+            same = same_content(src, dst) if src is not None and dst is not None else False
+            if same is True:
+                assert dst is not None
+                return CopyOutcome(row, dest_etag=dst.etag)
+            if same is None:
+                undecided = (
+                    " that cannot be told from the planned one: its ETag says nothing "
+                    "(SSE-KMS) and the two objects carry no checksum to compare"
+                )
     except s3.S3OperationError as again:
         return _copy_failed(ctx, row, again)
+    what = "an object" if undecided else "a different object"
     message = (
-        f"conflict: destination key already holds a different object ({found.size} bytes, "
-        f"ETag {found.etag}) not written by this job; set on_conflict: overwrite or skip"
+        f"conflict: destination key already holds {what} ({found.size} bytes, "
+        f"ETag {found.etag}){undecided or ' not written by this job'}; set on_conflict: "
+        "overwrite or skip"
     )
     if ctx.cfg.on_conflict == "skip":
         return CopyOutcome(
             row, error=message.replace("conflict", "skipped", 1), conflict_skipped=True
         )
     return CopyOutcome(row, error=message, permanent=True)
+
+
+def _content_heads(ctx: ChunkContext, row: ObjectRow) -> Heads:
+    """``HeadObject`` with checksums of the planned source version (``If-Match``) and of the
+    destination, for judging by content what ETags cannot tell."""
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    [source] = ctx.source.head_many([(src.bucket, row.source_key, row.etag)])
+    [dest] = ctx.dest.head_many([(dst.bucket, row.dest_key, None)])
+    return source, dest
 
 
 def _copy_failed(ctx: ChunkContext, row: ObjectRow, err: s3.S3OperationError) -> CopyOutcome:
@@ -187,17 +234,27 @@ def _same_object(row: ObjectRow, found: s3.Head) -> bool:
     return found.size == row.size and found.etag in {row.etag, row.dest_etag}
 
 
-def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str | s3.MultipartCopy) -> CopyOutcome:
+def _needs_content_check(row: ObjectRow, result: CopyResult) -> bool:
+    """A single copy whose ETag differs from the planned single-part ETag: either side may
+    be encrypted so that its ETag is no MD5 (SSE-KMS), which only the objects can tell."""
+    return isinstance(result, str) and "-" not in row.etag and result != row.etag
+
+
+def _verify(
+    ctx: ChunkContext,
+    row: ObjectRow,
+    dest_etag: str | s3.MultipartCopy,
+    heads: Heads | None = None,
+) -> CopyOutcome:
     """Single-part ETags are MD5s: equal ETags mean equal bytes and size. A multipart source's
-    ETag cannot match a copy's, so its size is checked on the destination instead."""
+    ETag cannot match a copy's, so its size is checked on the destination instead. ETags that
+    differ are judged by the objects themselves (:func:`_verify_content`)."""
     if isinstance(dest_etag, s3.MultipartCopy):
         return _verify_multipart(ctx, row, dest_etag)
     if "-" not in row.etag:
-        if dest_etag != row.etag:
-            return CopyOutcome(
-                row, error=f"verify: destination ETag {dest_etag} differs from source {row.etag}"
-            )
-        return CopyOutcome(row, dest_etag=dest_etag)
+        if dest_etag == row.etag:
+            return CopyOutcome(row, dest_etag=dest_etag)
+        return _verify_content(ctx, row, dest_etag, heads or _content_heads(ctx, row))
     try:
         found = ctx.dest.head(ctx.cfg.destination.bucket, row.dest_key)
     except s3.S3OperationError as err:
@@ -208,13 +265,46 @@ def _verify(ctx: ChunkContext, row: ObjectRow, dest_etag: str | s3.MultipartCopy
     return CopyOutcome(row, dest_etag=found.etag)
 
 
+def _verify_content(ctx: ChunkContext, row: ObjectRow, copied: str, heads: Heads) -> CopyOutcome:
+    """A copy whose ETag is not the planned one. Accepted only if an encryption explains it
+    (either object's ETag is no MD5: SSE-KMS, DSSE-KMS), the destination has the planned
+    size, and — where both carry a full-object checksum of one algorithm, which S3 computes
+    over the source's bytes as it copies them — the checksums are equal. The copy itself read
+    exactly the planned version (``CopySourceIfMatch``). A source changed since the copy is
+    judged by the destination's size alone; the next plan finds its new version."""
+    source, dest = heads
+    for head in heads:
+        if isinstance(head, s3.S3OperationError) and not (
+            head is source and head.kind is s3.ErrorKind.SOURCE_CHANGED
+        ):
+            return CopyOutcome(row, error=f"verify: {head}")
+    if not isinstance(dest, s3.Head) or dest.size != row.size:
+        got = "missing" if not isinstance(dest, s3.Head) else f"{dest.size} bytes"
+        return CopyOutcome(row, error=f"verify: destination is {got}, expected {row.size} bytes")
+    if isinstance(source, s3.Head):
+        if source.md5_etag and dest.md5_etag:
+            return CopyOutcome(
+                row, error=f"verify: destination ETag {copied} differs from source {row.etag}"
+            )
+        if same_content(source, dest) is False:
+            assert source.checksum is not None and dest.checksum is not None
+            return CopyOutcome(
+                row,
+                error=f"verify: destination {dest.checksum.algorithm} checksum "
+                f"{dest.checksum.value} differs from source {source.checksum.value}",
+            )
+    return CopyOutcome(row, dest_etag=dest.etag)
+
+
 def _verify_multipart(ctx: ChunkContext, row: ObjectRow, copied: s3.MultipartCopy) -> CopyOutcome:
     """A copy made of parts: its ETag must be the one its parts imply (MD5 of the part MD5s,
     ``-N``), which proves the object is exactly the parts copied, each from the planned
     version (``CopySourceIfMatch``); and ``HeadObject`` must show that ETag and the planned
     size, which proves the parts cover the whole source and nothing replaced the object since.
+    An object S3 encrypted with SSE-KMS may get an ETag of its own: then the ETag S3 answered
+    and the planned size are what ``HeadObject`` must show.
     """
-    if copied.etag != copied.expected_etag:
+    if copied.etag != copied.expected_etag and copied.sse not in OPAQUE_ETAG_SSE:
         return CopyOutcome(
             row,
             error=f"verify: completed ETag {copied.etag} is not the ETag of the copied parts "
@@ -244,15 +334,20 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
         ctx.dest.copy_many(
             ctx.cfg.source.bucket,
             ctx.cfg.destination.bucket,
-            [(r.source_key, r.dest_key, r.etag) for r in small],
+            [_item(r) for r in small],
             if_absent=guarded,
             stop=ctx.stop,
+            attrs=ctx.attrs,
         )
     )
     # One large object at a time, its parts in parallel (``concurrency`` at most).
     results += [_copy_large(ctx, r, if_absent=guarded, stop=ctx.stop) for r in large]
     pending = small + large
-    outcomes = [_outcome(ctx, r, res, guarded) for r, res in zip(pending, results, strict=True)]
+    heads = _heads_for_content_checks(ctx, pending, results)
+    outcomes = [
+        _outcome(ctx, r, res, guarded, heads.get(r.id))
+        for r, res in zip(pending, results, strict=True)
+    ]
     copied = [o for o in outcomes if o.dest_etag is not None]
     # Without an app database there is nothing to rewrite: the copy is recorded as the
     # state after the rewrite in the same statement.
@@ -281,6 +376,7 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
                 o.replan.size,
                 "source changed after plan (ETag differs); re-planned with the new version",
                 ctx.cfg.max_attempts,
+                storage_class=o.replan.storage_class,
             )
     failed = [o for o in outcomes if o.error and not o.conflict_skipped]
     _record_errors(ctx, [o for o in failed if not o.permanent], Stage.COPY)
@@ -296,6 +392,21 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
         for o in copied
         if o.row.id in held  # a row whose lease was lost goes no further here
     ]
+
+
+def _heads_for_content_checks(
+    ctx: ChunkContext, rows: Sequence[ObjectRow], results: Sequence[CopyResult]
+) -> dict[int, Heads]:
+    """The heads :func:`_verify_content` needs for the copies whose ETags differ, fetched
+    in parallel: where every copy is SSE-KMS, that is two ``HeadObject`` per object, sent
+    ``concurrency`` at a time like the copies."""
+    todo = [r for r, res in zip(rows, results, strict=True) if _needs_content_check(r, res)]
+    if not todo:
+        return {}
+    src, dst = ctx.cfg.source, ctx.cfg.destination
+    sources = ctx.source.head_many([(src.bucket, r.source_key, r.etag) for r in todo])
+    dests = ctx.dest.head_many([(dst.bucket, r.dest_key, None) for r in todo])
+    return {r.id: (s, d) for r, s, d in zip(todo, sources, dests, strict=True)}
 
 
 def after_rewrite(cfg: Config) -> State:

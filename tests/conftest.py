@@ -11,16 +11,19 @@ rule with MIGRATOR_REQUIRE_S3FAST=1.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import boto3
 import pytest
@@ -69,6 +72,73 @@ def moto_s3(moto_endpoint: str) -> Any:
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:10]}"
+
+
+class AwsLikeMoto:
+    """What ``aws_like_moto`` changed in the moto server, and what it saw."""
+
+    def __init__(self) -> None:
+        self.copy_delay = 0.0  # seconds each CopyObject waits before it is carried out
+        self.copies_received = 0
+        self._lock = threading.Lock()
+
+    def received(self) -> None:
+        with self._lock:
+            self.copies_received += 1
+
+
+@pytest.fixture
+def aws_like_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> AwsLikeMoto:
+    """The moto server (it runs in this process), made to do three things AWS S3 does and
+    moto 5 does not, for the duration of a test:
+
+    * an object written in one request with SSE-KMS gets an ETag that is not the MD5 of its
+      bytes (AWS: "objects … encrypted by SSE-C or SSE-KMS have ETags that are not an MD5
+      digest of their object data"); moto always gives the MD5. Multipart ETags stay as moto
+      computes them, from the part ETags;
+    * ``CopyObject`` honours ``x-amz-copy-source-if-match`` and ``If-None-Match: *`` with a 412
+      (moto copies regardless);
+    * ``CopyObject`` can be slowed (``copy_delay``): the copy is carried out after the delay
+      even when the client has gone, as S3 finishes a request it received, which opens the
+      window between a copy and its ledger record to a real ``kill -9``.
+
+    Requests still travel over HTTP through botocore or the CRT; nothing of migrator's is
+    replaced."""
+    from moto.s3.exceptions import PreconditionFailed
+    from moto.s3.models import FakeKey
+    from moto.s3.responses import S3Response
+
+    state = AwsLikeMoto()
+    md5_etag = FakeKey.etag
+
+    def etag(key: Any) -> str:
+        value: str = md5_etag.fget(key)  # type: ignore[attr-defined]
+        if key.encryption not in ("aws:kms", "aws:kms:dsse") or "-" in value:
+            return value
+        # Like AWS's: not the bytes' MD5, and not the same for two objects of equal bytes.
+        seed = f"sse-kms:{key.bucket_name}/{key.name}:{key.last_modified}:{value}"
+        return '"' + hashlib.md5(seed.encode()).hexdigest() + '"'
+
+    copy_object = S3Response.copy_object
+
+    def guarded_copy(self: Any) -> Any:
+        state.received()
+        time.sleep(state.copy_delay)
+        source = self.headers.get("x-amz-copy-source")
+        bucket, key = unquote(urlparse(source).path).lstrip("/").split("/", 1)
+        wanted = self.headers.get("x-amz-copy-source-if-match")
+        if wanted is not None:
+            found = self.backend.get_object(bucket, key)
+            if found is not None and found.etag.strip('"') != wanted.strip('"'):
+                raise PreconditionFailed("x-amz-copy-source-If-Match")
+        taken = self.backend.get_object(self.bucket_name, self.parse_key_name()) is not None
+        if self.headers.get("If-None-Match") == "*" and taken:
+            raise PreconditionFailed("If-None-Match")
+        return copy_object(self)
+
+    monkeypatch.setattr(FakeKey, "etag", property(etag))
+    monkeypatch.setattr(S3Response, "copy_object", guarded_copy)
+    return state
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

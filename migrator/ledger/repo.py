@@ -26,7 +26,7 @@ from migrator.errors import ConfigError, LedgerError, db_reason
 from migrator.ledger.tables import Stage, State, jobs, objects, state_counts
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-SCHEMA_HEAD = "0004"  # the newest Alembic revision (a test pins it to alembic/versions)
+SCHEMA_HEAD = "0005"  # the newest Alembic revision (a test pins it to alembic/versions)
 VERSION_TABLE = "migrator_alembic_version"
 _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
 _PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
@@ -52,6 +52,7 @@ class ObjectRow:
     dest_etag: str | None
     state: State
     attempts: int
+    storage_class: str | None = None  # as listed; None for STANDARD
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Planned:
     size: int
     etag: str
     last_modified: datetime | None
+    storage_class: str | None = None  # None for STANDARD (``ListedObject``)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,17 @@ def collision_message(first: str, second: str, dest_key: str) -> str:
     )
 
 
-_ROW_COLS = (O.id, O.source_key, O.dest_key, O.size, O.etag, O.dest_etag, O.state, O.attempts)
+_ROW_COLS = (
+    O.id,
+    O.source_key,
+    O.dest_key,
+    O.size,
+    O.etag,
+    O.dest_etag,
+    O.state,
+    O.attempts,
+    O.storage_class,
+)
 
 
 _STATE_OF = {s.value: s for s in State}
@@ -112,8 +124,10 @@ _STATE_OF = {s.value: s for s in State}
 
 def _row(r: Any) -> ObjectRow:
     """A row of ``_ROW_COLS`` (a chunk is hundreds of them: no lookups by name)."""
-    id_, source_key, dest_key, size, etag, dest_etag, state, attempts = r
-    return ObjectRow(id_, source_key, dest_key, size, etag, dest_etag, _STATE_OF[state], attempts)
+    id_, source_key, dest_key, size, etag, dest_etag, state, attempts, storage_class = r
+    return ObjectRow(
+        id_, source_key, dest_key, size, etag, dest_etag, _STATE_OF[state], attempts, storage_class
+    )
 
 
 def safe_url(url: str | URL) -> str:
@@ -417,10 +431,19 @@ class Ledger:
         return {r.source_key: r for r in map(_row, rows)}
 
     def replan_row(
-        self, owner: str, row: ObjectRow, etag: str, size: int, note: str, max_attempts: int
+        self,
+        owner: str,
+        row: ObjectRow,
+        etag: str,
+        size: int,
+        note: str,
+        max_attempts: int,
+        *,
+        storage_class: str | None = None,
     ) -> None:
-        """The source changed under us: take its new ETag and size and copy it afresh. This
-        counts as an attempt, so a source that never stops changing ends ``failed``."""
+        """The source changed under us: take its new ETag, size and storage class and copy
+        it afresh. This counts as an attempt, so a source that never stops changing ends
+        ``failed``."""
         with self.engine.begin() as conn:
             done = conn.execute(
                 objects.update()
@@ -428,6 +451,7 @@ class Ledger:
                 .values(
                     etag=etag,
                     size=size,
+                    storage_class=storage_class,
                     state=State.PENDING.value,
                     attempts=O.attempts + 1,
                     last_error=note,
@@ -1010,12 +1034,13 @@ def jobs_overview(engine: Engine) -> list[dict[str, Any]]:
 
 _PLAN_INSERT_POSTGRES = sa.text(
     """
-INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified, state,
-                              attempts, created_at, updated_at)
-SELECT :job, v.source_key, v.dest_key, v.size, v.etag, v.last_modified, :pending, 0, :now, :now
+INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified,
+                              storage_class, state, attempts, created_at, updated_at)
+SELECT :job, v.source_key, v.dest_key, v.size, v.etag, v.last_modified, v.storage_class,
+       :pending, 0, :now, :now
 FROM unnest(CAST(:keys AS text[]), CAST(:dests AS text[]), CAST(:sizes AS bigint[]),
-            CAST(:etags AS text[]), CAST(:mtimes AS timestamp[]))
-     AS v(source_key, dest_key, size, etag, last_modified)
+            CAST(:etags AS text[]), CAST(:mtimes AS timestamp[]), CAST(:classes AS text[]))
+     AS v(source_key, dest_key, size, etag, last_modified, storage_class)
 ON CONFLICT (job, source_key) DO NOTHING
 """
 )
@@ -1028,14 +1053,15 @@ ON CONFLICT (job, source_key) DO NOTHING
 _PLAN_RESET_POSTGRES = sa.text(
     """
 UPDATE migrator_objects AS o
-SET etag = p.etag, size = p.size, last_modified = p.last_modified, state = :pending,
-    attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL,
-    lease_expires = NULL, updated_at = :now
+SET etag = p.etag, size = p.size, last_modified = p.last_modified,
+    storage_class = p.storage_class, state = :pending, attempts = 0, failed_stage = NULL,
+    last_error = NULL, lease_owner = NULL, lease_expires = NULL, updated_at = :now
 FROM (
-    SELECT r.id, v.etag, v.size, v.last_modified
+    SELECT r.id, v.etag, v.size, v.last_modified, v.storage_class
     FROM migrator_objects AS r
     JOIN unnest(CAST(:keys AS text[]), CAST(:etags AS text[]), CAST(:sizes AS bigint[]),
-                CAST(:mtimes AS timestamp[])) AS v(source_key, etag, size, last_modified)
+                CAST(:mtimes AS timestamp[]), CAST(:classes AS text[]))
+         AS v(source_key, etag, size, last_modified, storage_class)
       ON r.source_key = v.source_key
     WHERE r.job = :job
       AND ((r.etag <> v.etag AND (r.state <> :done OR CAST(:revisit AS boolean)))
@@ -1093,7 +1119,7 @@ def _upsert_page_postgres(
     replan: bool,
     done_rows: DoneRows,
 ) -> tuple[int, int, int, int]:
-    """The page as five array parameters (``unnest``): one short statement per page, no
+    """The page as six array parameters (``unnest``): one short statement per page, no
     per-row statement, placeholder or round trip. Returns (added, reset, remapped, dropped)."""
     gone = 0
     if dropped:
@@ -1111,6 +1137,7 @@ def _upsert_page_postgres(
         "sizes": [p.size for p in page],
         "etags": [p.etag for p in page],
         "mtimes": [_naive(p.last_modified) for p in page],
+        "classes": [p.storage_class for p in page],
     }
     dests = [p.dest_key for p in page]
     # Remap first: a pending row that gives up a destination key frees it for a new row.
@@ -1133,12 +1160,14 @@ def _upsert_page_postgres(
 
 
 _PLAN_INSERT_SQLITE = (
-    "INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified, state, "
-    "attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
+    "INSERT INTO migrator_objects (job, source_key, dest_key, size, etag, last_modified, "
+    "storage_class, state, attempts, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?) "
     "ON CONFLICT (job, source_key) DO NOTHING"
 )
 _PLAN_RESET_SQLITE = (
-    "UPDATE migrator_objects SET etag = ?, size = ?, last_modified = ?, state = 'pending', "
+    "UPDATE migrator_objects SET etag = ?, size = ?, last_modified = ?, storage_class = ?, "
+    "state = 'pending', "
     "attempts = 0, failed_stage = NULL, last_error = NULL, lease_owner = NULL, "
     "lease_expires = NULL, updated_at = ? "
     "WHERE job = ? AND source_key = ? "
@@ -1185,7 +1214,7 @@ def _upsert_page_sqlite(
     added = conn.exec_driver_sql(
         _PLAN_INSERT_SQLITE,
         [
-            (job, p.source_key, p.dest_key, p.size, p.etag, m, at, at)
+            (job, p.source_key, p.dest_key, p.size, p.etag, m, p.storage_class, at, at)
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount
@@ -1195,7 +1224,7 @@ def _upsert_page_sqlite(
     reset = conn.exec_driver_sql(
         _PLAN_RESET_SQLITE,
         [
-            (p.etag, p.size, m, at, job, p.source_key, p.etag, revisit, relisted)
+            (p.etag, p.size, m, p.storage_class, at, job, p.source_key, p.etag, revisit, relisted)
             for p, m in zip(page, mtimes, strict=True)
         ],
     ).rowcount

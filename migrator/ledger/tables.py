@@ -50,6 +50,8 @@ objects = sa.Table(
     sa.Column("etag", sa.String(80), nullable=False),
     sa.Column("last_modified", sa.DateTime, nullable=True),
     sa.Column("dest_etag", sa.String(80), nullable=True),
+    # The listed storage class; NULL for STANDARD, which a copy gets without asking (0005).
+    sa.Column("storage_class", sa.String(32), nullable=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("failed_stage", sa.String(16), nullable=True),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),

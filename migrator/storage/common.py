@@ -35,12 +35,57 @@ class ListedObject(NamedTuple):  # a tuple: a million of them are built per mill
     size: int
     etag: str
     last_modified: datetime | None
+    # None for STANDARD, the class a copy gets without asking (or a listing that says none)
+    storage_class: str | None = None
+
+
+class Checksum(NamedTuple):
+    """An object's additional checksum as ``HeadObject`` with ``ChecksumMode`` shows it."""
+
+    algorithm: str  # CRC64NVME, CRC32, CRC32C, SHA1, SHA256, ...
+    value: str  # base64, as S3 sends it
+    type: str  # FULL_OBJECT (of the whole object) or COMPOSITE (of its parts' checksums)
 
 
 @dataclass(frozen=True)
 class Head:
     size: int
     etag: str
+    sse: str | None = None  # x-amz-server-side-encryption: AES256, aws:kms, ...
+    storage_class: str | None = None  # None for STANDARD
+    checksum: Checksum | None = None  # only when asked for (``ChecksumMode``)
+
+    @property
+    def md5_etag(self) -> bool:
+        """Whether the ETag is the MD5 of the bytes: S3 gives one to objects written in one
+        request, unencrypted or with SSE-S3 (not SSE-KMS, DSSE-KMS or SSE-C, not in parts)."""
+        return "-" not in self.etag and self.sse in (None, "AES256")
+
+
+def same_content(a: Head, b: Head) -> bool | None:
+    """Whether two objects hold the same bytes, as far as S3's fingerprints tell: True or
+    False when they can (sizes, MD5 ETags, or full-object checksums of one algorithm), None
+    when neither ETags nor checksums can be compared."""
+    if a.size != b.size:
+        return False
+    if a.md5_etag and b.md5_etag:
+        return a.etag == b.etag
+    x, y = a.checksum, b.checksum
+    if x is not None and y is not None and x.algorithm == y.algorithm:
+        if x.type == y.type == "FULL_OBJECT":
+            return x.value == y.value
+        if x.value == y.value:  # equal composite checksums: same parts, same bytes
+            return True
+    return None
+
+
+class CopyItem(NamedTuple):
+    """One server-side copy: the planned source version and where it goes."""
+
+    source_key: str
+    dest_key: str
+    etag: str  # the planned source ETag (``CopySourceIfMatch``)
+    storage_class: str | None = None  # the listed class (None for STANDARD)
 
 
 class S3OperationError(Exception):
@@ -54,6 +99,11 @@ class S3OperationError(Exception):
 
 def strip_etag(etag: str) -> str:
     return etag.strip('"')
+
+
+def listed_class(text: str | None) -> str | None:
+    """A listed storage class as :class:`ListedObject` keeps it: None for ``STANDARD``."""
+    return None if not text or text == "STANDARD" else text
 
 
 def classify_code(code: str, status: int | None, message: str) -> S3OperationError:

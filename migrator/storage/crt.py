@@ -39,11 +39,14 @@ from xml.sax.saxutils import escape
 
 from awscrt import auth, http, io
 
+from migrator.storage.attributes import DEFAULT_ATTRIBUTES, ObjectAttributes
 from migrator.storage.common import (
+    CopyItem,
     ErrorKind,
     ListedObject,
     S3OperationError,
     classify_code,
+    listed_class,
     strip_etag,
 )
 
@@ -288,25 +291,34 @@ class CrtS3:
         self,
         src_bucket: str,
         dst_bucket: str,
-        items: Sequence[tuple[str, str, str]],
+        items: Sequence[CopyItem],
         *,
         if_absent: bool,
         stop: Any = None,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
     ) -> list[str | S3OperationError | None]:
-        """Server-side copies of ``(source key, destination key, source ETag)``; the result per
-        item is the destination ETag, an error, or None (not sent). Same preconditions as
+        """Server-side copies of ``CopyItem``s; the result per item is the destination ETag, an
+        error, or None (not sent). Same preconditions and object attributes as
         :func:`migrator.storage.s3.copy`."""
         requests = []
-        for src_key, dst_key, etag in items:
+        extra = attrs.copy_headers  # the job's; a REPLACE directive among them replaces COPY
+        if not attrs.replace_metadata:
+            extra = (("x-amz-metadata-directive", "COPY"), *extra)
+        for item in items:
             headers = [
                 ("content-length", "0"),
-                ("x-amz-copy-source", uri_encode(f"{src_bucket}/{src_key}")),
-                ("x-amz-copy-source-if-match", f'"{etag}"'),
-                ("x-amz-metadata-directive", "COPY"),
+                ("x-amz-copy-source", uri_encode(f"{src_bucket}/{item.source_key}")),
+                ("x-amz-copy-source-if-match", f'"{item.etag}"'),
+                *extra,
             ]
+            storage_class = attrs.storage_class or item.storage_class
+            if storage_class is not None:
+                headers.append(("x-amz-storage-class", storage_class))
             if if_absent:
                 headers.append(("if-none-match", "*"))
-            requests.append(Request("PUT", dst_key, headers=headers, expect=b"</CopyObjectResult>"))
+            requests.append(
+                Request("PUT", item.dest_key, headers=headers, expect=b"</CopyObjectResult>")
+            )
         results: list[str | S3OperationError | None] = []
         for resp in self.send(dst_bucket, requests, stop):
             if isinstance(resp, Response):
@@ -370,6 +382,7 @@ _ETAG = re.compile(rb"<ETag>([^<]*)</ETag>")
 _CONTENTS = re.compile(
     rb"<Contents><Key>([^<]*)</Key><LastModified>([^<]*)</LastModified>"
     rb"<ETag>([^<]*)</ETag>(?:<Checksum\w+>[^<]*</Checksum\w+>)*<Size>(\d+)</Size>"
+    rb"(?:<Owner>.*?</Owner>)?(?:<StorageClass>([^<]*)</StorageClass>)?"
 )
 
 
@@ -386,16 +399,17 @@ def parse_listing(body: bytes) -> tuple[list[ListedObject], str | None]:
     truncated = b"<IsTruncated>true</IsTruncated>" in body
     token = _TOKEN.search(body)
     objects = []
-    for key, modified, etag, size in matches:
+    for key, modified, etag, size, storage_class in matches:
         text = key.decode()
         if "&" in text:
             text = html.unescape(text)
         objects.append(
             ListedObject(
-                key=unquote_plus(text) if encoded else text,
-                size=int(size),
-                etag=_unquote_etag(etag),
-                last_modified=datetime.fromisoformat(modified.decode()),
+                unquote_plus(text) if encoded else text,
+                int(size),
+                _unquote_etag(etag),
+                datetime.fromisoformat(modified.decode()),
+                None if storage_class in _STANDARD else storage_class.decode(),
             )
         )
     if not truncated:
@@ -408,6 +422,7 @@ def _unquote_etag(raw: bytes) -> str:
     return raw.decode().replace("&quot;", "").replace("&#34;", "").strip('"')
 
 
+_STANDARD = (b"", b"STANDARD")  # listed as None (``listed_class``)
 _TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 
 
@@ -427,6 +442,7 @@ def _parse_listing(root: ET.Element) -> tuple[list[ListedObject], str | None]:
                     size=int(f["Size"]),
                     etag=strip_etag(f.get("ETag", "")),
                     last_modified=datetime.fromisoformat(modified) if modified else None,
+                    storage_class=listed_class(f.get("StorageClass")),
                 )
             )
         elif tag == "NextContinuationToken":
@@ -436,9 +452,7 @@ def _parse_listing(root: ET.Element) -> tuple[list[ListedObject], str | None]:
         elif tag == "EncodingType":
             encoded = elem.text == "url"
     if encoded:
-        objects = [
-            ListedObject(unquote_plus(o.key), o.size, o.etag, o.last_modified) for o in objects
-        ]
+        objects = [o._replace(key=unquote_plus(o.key)) for o in objects]
     return objects, token if truncated else None
 
 

@@ -24,12 +24,16 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from migrator.config import Location
 from migrator.errors import PreflightError, StorageError
+from migrator.storage.attributes import DEFAULT_ATTRIBUTES, ObjectAttributes
 from migrator.storage.common import (
+    Checksum,
+    CopyItem,
     ErrorKind,
     Head,
     ListedObject,
     S3OperationError,
     classify_code,
+    listed_class,
     strip_etag,
 )
 from migrator.storage.crt import CrtS3
@@ -180,6 +184,7 @@ def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObj
                 size=int(o["Size"]),
                 etag=strip_etag(o["ETag"]),
                 last_modified=o.get("LastModified"),
+                storage_class=listed_class(o.get("StorageClass")),
             )
             for o in page.get("Contents", ())
         ]
@@ -215,17 +220,45 @@ def download(client: Any, bucket: str, key: str, out: BinaryIO) -> str:
     return md5.hexdigest()
 
 
-def head(client: Any, bucket: str, key: str) -> Head | None:
-    """Size and ETag of an object, or None when it does not exist."""
+_CHECKSUMS = ("CRC64NVME", "CRC32", "CRC32C", "SHA1", "SHA256", "SHA512", "MD5")
+
+
+def _checksum(resp: dict[str, Any]) -> Checksum | None:
+    for algorithm in _CHECKSUMS:
+        value = resp.get(f"Checksum{algorithm}")
+        if value:
+            kind = resp.get("ChecksumType") or ("COMPOSITE" if "-" in value else "FULL_OBJECT")
+            return Checksum(algorithm, value, kind)
+    return None
+
+
+def head(
+    client: Any, bucket: str, key: str, *, checksum: bool = False, if_match: str | None = None
+) -> Head | None:
+    """Size, ETag, encryption and storage class of an object, or None when it does not
+    exist. ``checksum`` asks for its additional checksum too (``ChecksumMode``; on an SSE-KMS
+    object that needs ``kms:Decrypt``); ``if_match`` makes a changed object a 412
+    (``SOURCE_CHANGED``)."""
+    extra: dict[str, str] = {}
+    if checksum:
+        extra["ChecksumMode"] = "ENABLED"
+    if if_match is not None:
+        extra["IfMatch"] = f'"{if_match}"'
     try:
-        resp = client.head_object(Bucket=bucket, Key=key)
+        resp = client.head_object(Bucket=bucket, Key=key, **extra)
     except ClientError as exc:
         if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise classify(exc) from None
     except BotoCoreError as exc:
         raise classify(exc) from None
-    return Head(size=int(resp["ContentLength"]), etag=strip_etag(resp["ETag"]))
+    return Head(
+        size=int(resp["ContentLength"]),
+        etag=strip_etag(resp["ETag"]),
+        sse=resp.get("ServerSideEncryption"),
+        storage_class=listed_class(resp.get("StorageClass")),
+        checksum=_checksum(resp) if checksum else None,
+    )
 
 
 def copy(
@@ -237,22 +270,27 @@ def copy(
     if_match: str,
     *,
     if_absent: bool = False,
+    attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
+    storage_class: str | None = None,
 ) -> str:
     """Server-side copy of exactly the planned version; returns the destination ETag.
 
     ``CopySourceIfMatch`` makes S3 refuse (412) when the source changed after planning;
     with ``if_absent``, ``If-None-Match: *`` also makes it refuse (412) when the destination key
-    already holds an object, so nothing is overwritten unseen. Metadata (content type, user
-    metadata) is copied by S3 (``MetadataDirective=COPY``).
+    already holds an object, so nothing is overwritten unseen. Content headers, user metadata
+    and tags are copied by S3 (``MetadataDirective=COPY``) unless ``attrs`` replaces them;
+    ``attrs`` also sets the storage class (else ``storage_class``, the listed one),
+    encryption and ACL (``storage/attributes.py``).
     """
-    extra = {"IfNoneMatch": "*"} if if_absent else {}
+    extra = attrs.copy_args(storage_class)
+    if if_absent:
+        extra["IfNoneMatch"] = "*"
     try:
         resp = client.copy_object(
             Bucket=dst_bucket,
             Key=dst_key,
             CopySource={"Bucket": src_bucket, "Key": src_key},
             CopySourceIfMatch=f'"{if_match}"',
-            MetadataDirective="COPY",
             **extra,
         )
     except (ClientError, BotoCoreError) as exc:
@@ -283,6 +321,7 @@ class MultipartCopy:
     etag: str
     expected_etag: str
     parts: int
+    sse: str | None = None  # the completed object's encryption, as S3 answered
 
 
 def abort_incomplete(client: Any, bucket: str, key: str) -> int:
@@ -310,12 +349,15 @@ def _abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
             raise
 
 
-def _carried_headers(client: Any, bucket: str, key: str, if_match: str) -> dict[str, Any]:
-    """The planned source version's headers (and tags) as CreateMultipartUpload arguments.
-    ``IfMatch`` makes a source that changed since plan fail here (412) before any part."""
+def _carried_headers(
+    client: Any, bucket: str, key: str, if_match: str, *, tags: bool = True
+) -> dict[str, Any]:
+    """The planned source version's headers (and with ``tags`` its tags) as
+    CreateMultipartUpload arguments. ``IfMatch`` makes a source that changed since plan fail
+    here (412) before any part."""
     resp = client.head_object(Bucket=bucket, Key=key, IfMatch=f'"{if_match}"')
     args = {name: resp[name] for name in _CARRIED_HEADERS if resp.get(name)}
-    if resp.get("TagCount"):
+    if tags and resp.get("TagCount"):
         tags = client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
         args["Tagging"] = urlencode([(t["Key"], t["Value"]) for t in tags])
     return args
@@ -370,23 +412,44 @@ class S3Service:
                 "fix the cause and run the command again"
             ) from None
 
-    def head(self, bucket: str, key: str) -> Head | None:
-        return head(self.boto, bucket, key)
+    def head(
+        self, bucket: str, key: str, *, checksum: bool = False, if_match: str | None = None
+    ) -> Head | None:
+        """See :func:`head`. Raises :class:`S3OperationError`."""
+        return head(self.boto, bucket, key, checksum=checksum, if_match=if_match)
+
+    def head_many(
+        self, requests: Sequence[tuple[str, str, str | None]]
+    ) -> list[Head | S3OperationError | None]:
+        """``HeadObject`` with checksums of ``(bucket, key, if_match)`` in parallel (on the
+        boto3 pool, whatever the transport): per request the head, None when there is no such
+        object, or the error (a 412 when ``if_match`` no longer matches)."""
+
+        def one(request: tuple[str, str, str | None]) -> Head | S3OperationError | None:
+            bucket, key, if_match = request
+            try:
+                return head(self.boto, bucket, key, checksum=True, if_match=if_match)
+            except S3OperationError as err:
+                return err
+
+        return list(self._threads().map(one, requests))
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3")
+        return self._pool
 
     def copy(
         self,
         src_bucket: str,
-        src_key: str,
+        item: CopyItem,
         dst_bucket: str,
-        dst_key: str,
-        if_match: str,
         *,
         if_absent: bool = False,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
     ) -> str:
         """One copy; see :func:`copy`. Raises :class:`S3OperationError`."""
-        [result] = self.copy_many(
-            src_bucket, dst_bucket, [(src_key, dst_key, if_match)], if_absent=if_absent
-        )
+        [result] = self.copy_many(src_bucket, dst_bucket, [item], if_absent=if_absent, attrs=attrs)
         if isinstance(result, S3OperationError):
             raise result
         assert result is not None
@@ -396,37 +459,39 @@ class S3Service:
         self,
         src_bucket: str,
         dst_bucket: str,
-        items: Sequence[tuple[str, str, str]],
+        items: Sequence[CopyItem],
         *,
         if_absent: bool,
         stop: Any = None,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
     ) -> list[str | S3OperationError | None]:
-        """Copies of ``(source key, destination key, source ETag)`` in parallel: per item the
-        destination ETag, the error, or None when ``stop`` was set before it was sent."""
+        """The ``CopyItem``s' copies in parallel, writing the destination objects with
+        ``attrs``: per item the destination ETag, the error, or None when ``stop`` was set
+        before it was sent."""
         if self.fast is not None:
             return self.fast.copy_many(
-                src_bucket, dst_bucket, items, if_absent=if_absent, stop=stop
+                src_bucket, dst_bucket, items, if_absent=if_absent, stop=stop, attrs=attrs
             )
 
-        def one(item: tuple[str, str, str]) -> str | S3OperationError | None:
+        def one(item: CopyItem) -> str | S3OperationError | None:
             if stop is not None and stop.is_set():
                 return None
             try:
                 return copy(
                     self.boto,
                     src_bucket,
-                    item[0],
+                    item.source_key,
                     dst_bucket,
-                    item[1],
-                    item[2],
+                    item.dest_key,
+                    item.etag,
                     if_absent=if_absent,
+                    attrs=attrs,
+                    storage_class=item.storage_class,
                 )
             except S3OperationError as err:
                 return err
 
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3")
-        return list(self._pool.map(one, items))
+        return list(self._threads().map(one, items))
 
     def copy_multipart(
         self,
@@ -441,6 +506,7 @@ class S3Service:
         if_absent: bool,
         stop: Any = None,
         before_complete: Callable[[str], bool] | None = None,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
     ) -> MultipartCopy | S3OperationError | None:
         """Server-side copy in parts of exactly the planned version: the completed copy, the
         error, or None when ``stop`` was set before every part was sent (or
@@ -452,7 +518,9 @@ class S3Service:
         before any part is copied, and ``CompleteMultipartUpload`` carries
         ``If-None-Match: *`` for one created meanwhile. Any failure aborts this upload, so no
         parts are left behind. Parts go out in parallel, at most ``threads`` at a time,
-        through boto3 (these calls are few and big; botocore retries each one).
+        through boto3 (these calls are few and big; botocore retries each one). The object
+        gets the source's headers, tags and storage class, or what ``attrs`` sets instead, as
+        a single copy does.
         """
         if stop is not None and stop.is_set():
             return None
@@ -465,9 +533,11 @@ class S3Service:
                     "the destination key already holds an object",
                 )
             abort_incomplete(self.boto, dst_bucket, dst_key)
-            carried = _carried_headers(self.boto, src_bucket, src_key, if_match)
+            carried = _carried_headers(
+                self.boto, src_bucket, src_key, if_match, tags=not attrs.replace_tags
+            )
             upload_id = self.boto.create_multipart_upload(
-                Bucket=dst_bucket, Key=dst_key, **carried
+                Bucket=dst_bucket, Key=dst_key, **attrs.upload_args(carried)
             )["UploadId"]
             source = {"Bucket": src_bucket, "Key": src_key}
             parts = plan_parts(size, part_size)
@@ -499,7 +569,9 @@ class S3Service:
             if upload_id is not None:
                 self._abort_quietly(dst_bucket, dst_key, upload_id)
             raise
-        return MultipartCopy(strip_etag(resp["ETag"]), expected, len(parts))
+        return MultipartCopy(
+            strip_etag(resp["ETag"]), expected, len(parts), resp.get("ServerSideEncryption")
+        )
 
     def _copy_parts(
         self,

@@ -176,6 +176,18 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         ("does not start with destination.prefix 'avatar/'",),
     ),
     (
+        "metadata-replace-without-values",
+        _set(None, metadata="replace"),
+        ("metadata_values", "is required with metadata: replace"),
+    ),
+    ("unknown-storage-class", _set(None, storage_class="COLD"), ("storage_class", "COLD")),
+    (
+        "kms-key-without-sse-kms",
+        _set(None, kms_key_id="alias/avatars"),
+        ("kms_key_id", "is used only with sse: aws:kms"),
+    ),
+    ("acl-not-canned", _set(None, acl="full-control"), ("acl", "not a canned ACL")),
+    (
         "ledger-port-not-a-number",
         _set(None, ledger="postgresql+psycopg2://postgres@127.0.0.1:fivefour/ledger"),
         ("ledger",),

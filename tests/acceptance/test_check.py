@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import boto3
 import sqlalchemy as sa
 import yaml
 
@@ -240,3 +241,95 @@ def test_check_on_mysql_with_several_targets_names_each_index(
     assert (
         "CREATE INDEX ix_url ON profiles (url(768))" in items["app index: profiles.url"]["detail"]
     )
+
+
+def kms_job(tmp_path: Path, moto_s3: Any, moto_endpoint: str, key_id: str) -> Job:
+    return sqlite_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        with_app=False,
+        count=2,
+        sse="aws:kms",
+        kms_key_id=key_id,
+        acl="bucket-owner-full-control",
+    )
+
+
+def test_sse_kms_checks_the_key_and_probes_with_it(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    """The destination's key is described with the destination's credentials, and the write
+    probe is written with SSE-KMS, that key and the ACL, read back and removed."""
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name="us-east-1")
+    key = kms.create_key()["KeyMetadata"]
+    job = kms_job(tmp_path, moto_s3, moto_endpoint, key["KeyId"])
+
+    proc, items = check(job)
+
+    assert proc.returncode == 0, proc.stderr
+    assert items["destination: kms key"]["status"] == "ok"
+    assert items["destination: kms key"]["detail"] == f"{key['Arn']} is enabled for encryption"
+    write = items["destination: write"]
+    assert write["status"] == "ok"
+    assert f"SSE-KMS key {key['KeyId']}, ACL bucket-owner-full-control" in write["detail"]
+    assert list_keys(moto_s3, job.cfg.destination.bucket) == set()
+
+
+def test_a_missing_or_disabled_kms_key_fails_check_and_stops_run(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    missing = "0b0e1c1e-aaaa-4bbb-8ccc-123456789012"
+    job = kms_job(tmp_path, moto_s3, moto_endpoint, missing)
+
+    proc, items = check(job)
+
+    assert proc.returncode == 2
+    assert items["destination: kms key"]["status"] == "fail"
+    assert f"KMS key {missing} not found" in items["destination: kms key"]["detail"]
+    run = run_cli("run", "--config", str(job.config_path))
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"error: KMS key {missing} not found"), lines
+    assert list_keys(moto_s3, job.cfg.destination.bucket) == set()
+    assert not (tmp_path / "ledger.db").exists()
+
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name="us-east-1")
+    disabled = kms.create_key()["KeyMetadata"]["KeyId"]
+    kms.disable_key(KeyId=disabled)
+    data = yaml.safe_load(job.config_path.read_text())
+    data["kms_key_id"] = disabled
+    write_config(job.config_path, data)
+    proc, items = check(job)
+    assert proc.returncode == 2
+    assert "is Disabled; enable it or fix kms_key_id" in items["destination: kms key"]["detail"]
+
+
+def test_iam_policy_grants_the_kms_key_and_the_acl_right(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str
+) -> None:
+    arn = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    job = kms_job(tmp_path, moto_s3, moto_endpoint, arn)
+
+    proc = run_cli("iam-policy", "--config", str(job.config_path))
+
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    [kms] = [s for s in doc["destination"]["Statement"] if s["Resource"] == arn]
+    assert set(kms["Action"]) == {"kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"}
+    dst = job.cfg.destination
+    [objects] = [
+        s
+        for s in doc["destination"]["Statement"]
+        if s["Resource"] == f"arn:aws:s3:::{dst.bucket}/{dst.prefix}*"
+    ]
+    assert "s3:PutObjectAcl" in objects["Action"]
+    assert "kms:" not in json.dumps(doc["source"])
+    assert "s3:GetObjectTagging" in json.dumps(doc["source"])  # tags: copy reads them
+
+    data = yaml.safe_load(job.config_path.read_text())
+    data.update(tags="replace", tag_values={"project": "avatars"})
+    write_config(job.config_path, data)
+    proc = run_cli("iam-policy", "--config", str(job.config_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "s3:GetObjectTagging" not in json.dumps(json.loads(proc.stdout)["source"])

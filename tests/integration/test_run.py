@@ -182,7 +182,7 @@ def test_report_csv_and_parquet(tmp_path: Path, moto_s3: Any, moto_endpoint: str
         assert len(frame) == 7
         assert set(frame["state"]) == {"done"}
         assert sorted(frame["source_key"]) == sorted(o.key for o in job.objects)
-        assert {"attempts", "last_error", "dest_key", "size"} <= set(frame.columns)
+        assert {"attempts", "last_error", "dest_key", "size", "storage_class"} <= set(frame.columns)
 
 
 def test_verify_reports_discrepancies(

@@ -13,7 +13,7 @@ import pytest
 from migrator.config import Location
 from migrator.errors import StorageError
 from migrator.storage import s3
-from migrator.storage.common import ErrorKind, S3OperationError
+from migrator.storage.common import CopyItem, ErrorKind, S3OperationError
 from migrator.storage.crt import _Window
 from tests.conftest import S3Fast, free_port, s3_client, unique
 
@@ -79,7 +79,7 @@ def test_hostile_keys_list_copy_and_delete_like_boto3(s3fast: Callable[..., S3Fa
         assert listed == listing(boto, src, "in/")
         assert sorted(k for k, _, _ in listed) == sorted(f"in/{k}" for k in HOSTILE_KEYS)
 
-        items = [(key, "out/" + key[3:], etag) for key, _, etag in listed]
+        items = [CopyItem(key, "out/" + key[3:], etag) for key, _, etag in listed]
         results = crt.copy_many(src, dst, items, if_absent=True)
         assert results == [etag for _, _, etag in listed]
         assert listing(boto, dst, "out/") == [("out/" + k[3:], n, e) for k, n, e in listed]
@@ -124,10 +124,12 @@ def test_errors_have_the_same_kinds_on_both_paths(
             src,
             dst,
             [
-                ("in/a.png", "ok.png", etag),
-                ("in/a.png", "changed.png", "0" * 32),  # the source is not the planned version
-                ("in/gone.png", "missing.png", etag),
-                ("in/a.png", "taken.png", etag),  # If-None-Match: * on a taken key
+                CopyItem("in/a.png", "ok.png", etag),
+                CopyItem(
+                    "in/a.png", "changed.png", "0" * 32
+                ),  # the source is not the planned version
+                CopyItem("in/gone.png", "missing.png", etag),
+                CopyItem("in/a.png", "taken.png", etag),  # If-None-Match: * on a taken key
             ],
             if_absent=True,
         )
@@ -139,7 +141,7 @@ def test_errors_have_the_same_kinds_on_both_paths(
             ErrorKind.SOURCE_CHANGED,
         ]
         [missing_bucket] = svc.copy_many(
-            src, unique("nobucket"), [("in/a.png", "x.png", etag)], if_absent=False
+            src, unique("nobucket"), [CopyItem("in/a.png", "x.png", etag)], if_absent=False
         )
         assert isinstance(missing_bucket, S3OperationError)
         assert (missing_bucket.kind, missing_bucket.code) == (ErrorKind.PERMANENT, "NoSuchBucket")
@@ -169,7 +171,9 @@ def test_faults_are_retried_and_counted(s3fast: Callable[..., S3Fast], flags: tu
     assert svc.fast is not None
     server.reset_stats()
     try:
-        results = svc.copy_many(src, dst, [(k, k, e) for k, e in etags.items()], if_absent=True)
+        results = svc.copy_many(
+            src, dst, [CopyItem(k, k, e) for k, e in etags.items()], if_absent=True
+        )
     finally:
         svc.close()
     stats = server.stats()
@@ -215,7 +219,7 @@ def test_steady_throttling_shrinks_the_window(s3fast: Callable[..., S3Fast]) -> 
     window.throttled = watch  # type: ignore[method-assign]
     try:
         results = svc.copy_many(
-            src, dst, [("in/a.png", f"{i}", etag) for i in range(100)], if_absent=False
+            src, dst, [CopyItem("in/a.png", f"{i}", etag) for i in range(100)], if_absent=False
         )
     finally:
         svc.close()
@@ -227,7 +231,7 @@ def test_steady_throttling_shrinks_the_window(s3fast: Callable[..., S3Fast]) -> 
 def test_unreachable_endpoint_is_a_retryable_error() -> None:
     svc = service(f"http://127.0.0.1:{free_port()}", max_attempts=2)
     try:
-        [result] = svc.copy_many("a", "b", [("k", "k", "e")], if_absent=False)
+        [result] = svc.copy_many("a", "b", [CopyItem("k", "k", "e")], if_absent=False)
     finally:
         svc.close()
     assert isinstance(result, S3OperationError)
@@ -240,7 +244,7 @@ def test_a_request_that_hangs_is_cut_by_the_read_timeout(s3fast: Callable[..., S
     _, src, dst = seed(server.endpoint, ["a.png"])
     svc = service(server.endpoint, max_attempts=1, read_timeout=0.5)
     try:
-        [result] = svc.copy_many(src, dst, [("in/a.png", "a.png", "e")], if_absent=False)
+        [result] = svc.copy_many(src, dst, [CopyItem("in/a.png", "a.png", "e")], if_absent=False)
     finally:
         svc.close()
     assert isinstance(result, S3OperationError)
@@ -264,7 +268,11 @@ def test_stop_leaves_the_remaining_requests_unsent(s3fast: Callable[..., S3Fast]
     threading.Thread(target=stop_after_some_copies, daemon=True).start()
     try:
         results = svc.copy_many(
-            src, dst, [("in/a.png", f"{i}", etag) for i in range(2000)], if_absent=False, stop=stop
+            src,
+            dst,
+            [CopyItem("in/a.png", f"{i}", etag) for i in range(2000)],
+            if_absent=False,
+            stop=stop,
         )
     finally:
         svc.close()

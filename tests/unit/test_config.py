@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import yaml
 
 from migrator.config import ENV_APP_DB_URL, ENV_LEDGER, Config, load_config
 from migrator.errors import ConfigError, redact
+from migrator.storage.attributes import DEFAULT_ATTRIBUTES
 
 PASSWORD = "s3cretpw"
 PG_WITH_PASSWORD = f"postgresql+psycopg2://u:{PASSWORD}@db.example.com/app"
@@ -344,6 +346,123 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
     ("job-name", lambda d: d.update(job="my job!"), "job", "letters, digits"),
     ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
     ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
+    # object attributes
+    ("metadata-mode", lambda d: d.update(metadata="merge"), "metadata", "'copy' or 'replace'"),
+    (
+        "metadata-replace-without-values",
+        lambda d: d.update(metadata="replace"),
+        "metadata_values",
+        "is required with metadata: replace",
+    ),
+    (
+        "metadata-values-without-replace",
+        lambda d: d.update(metadata_values={"content_type": "image/png"}),
+        "metadata_values",
+        "is used only with metadata: replace",
+    ),
+    (
+        "metadata-content-type",
+        lambda d: d.update(metadata="replace", metadata_values={"content_type": "png"}),
+        "metadata_values.content_type",
+        "not a media type such as image/png",
+    ),
+    (
+        "metadata-header-newline",
+        lambda d: d.update(metadata="replace", metadata_values={"cache_control": "a\nb"}),
+        "metadata_values.cache_control",
+        "printable ASCII on one line",
+    ),
+    (
+        "metadata-header-not-ascii",
+        lambda d: d.update(metadata="replace", metadata_values={"content_language": "dé"}),
+        "metadata_values.content_language",
+        "printable ASCII",
+    ),
+    (
+        "metadata-expires-number",
+        lambda d: d.update(metadata="replace", metadata_values={"expires": 2031}),
+        "metadata_values.expires",
+        "not a date and time; write e.g. 2031-01-01T00:00:00Z",
+    ),
+    (
+        "metadata-expires-text",
+        lambda d: d.update(metadata="replace", metadata_values={"expires": "next year"}),
+        "metadata_values.expires",
+        "datetime",
+    ),
+    (
+        "metadata-user-name",
+        lambda d: d.update(metadata="replace", metadata_values={"user": {"X-Amz-Meta-A": "b"}}),
+        "metadata_values.user",
+        "lowercase letters, digits",
+    ),
+    (
+        "metadata-user-too-large",
+        lambda d: d.update(metadata="replace", metadata_values={"user": {"a": "x" * 2100}}),
+        "metadata_values.user",
+        "S3 keeps at most 2048",
+    ),
+    (
+        "metadata-unknown-field",
+        lambda d: d.update(metadata="replace", metadata_values={"content_typ": "image/png"}),
+        "metadata_values.content_typ",
+        "did you mean 'content_type'?",
+    ),
+    (
+        "tags-replace-without-values",
+        lambda d: d.update(tags="replace"),
+        "tag_values",
+        "is required with tags: replace",
+    ),
+    (
+        "tag-values-without-replace",
+        lambda d: d.update(tag_values={"a": "b"}),
+        "tag_values",
+        "is used only with tags: replace",
+    ),
+    (
+        "tags-too-many",
+        lambda d: d.update(tags="replace", tag_values={f"k{i}": "v" for i in range(11)}),
+        "tag_values",
+        "at most 10 per object",
+    ),
+    (
+        "tag-aws-prefix",
+        lambda d: d.update(tags="replace", tag_values={"aws:owner": "me"}),
+        "tag_values",
+        "not start with aws:",
+    ),
+    (
+        "tag-bad-character",
+        lambda d: d.update(tags="replace", tag_values={"owner": "a&b"}),
+        "tag_values",
+        "only letters, digits, spaces",
+    ),
+    (
+        "storage-class",
+        lambda d: d.update(storage_class="COLD"),
+        "storage_class",
+        "not a storage class: use copy (each object keeps its own) or one of STANDARD,",
+    ),
+    ("sse", lambda d: d.update(sse="kms"), "sse", "'AES256' or 'aws:kms'"),
+    (
+        "kms-key-without-sse-kms",
+        lambda d: d.update(sse="AES256", kms_key_id="alias/avatars"),
+        "kms_key_id",
+        "is used only with sse: aws:kms",
+    ),
+    (
+        "kms-key-format",
+        lambda d: d.update(sse="aws:kms", kms_key_id="my key"),
+        "kms_key_id",
+        "give its key id, key ARN, alias/NAME or alias ARN",
+    ),
+    (
+        "acl",
+        lambda d: d.update(acl="owner-full-control"),
+        "acl",
+        "not a canned ACL: use one of private, public-read,",
+    ),
 ]
 
 
@@ -680,3 +799,70 @@ def test_notify_defaults_and_the_environment(tmp_path: Path) -> None:
     both = load_config(write(tmp_path, kept), env={"MIGRATOR_WEBHOOK_URL": HOOK})
     assert both.notify is not None and both.notify.webhook_url == HOOK
     assert both.notify.events == ("failed",)
+
+
+# -- object attributes ---------------------------------------------------------------------
+
+
+def test_object_attributes_default_to_what_copy_object_keeps(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, base()), env={})
+    assert (cfg.metadata, cfg.tags, cfg.storage_class) == ("copy", "copy", "copy")
+    assert (cfg.sse, cfg.kms_key_id, cfg.acl) == (None, None, None)
+    assert cfg.attributes == DEFAULT_ATTRIBUTES
+
+
+def test_object_attributes_set_by_config(tmp_path: Path) -> None:
+    text = yaml.safe_dump(base(), sort_keys=False) + (
+        "metadata: replace\n"
+        "metadata_values:\n"
+        "  content_type: image/webp\n"
+        "  cache_control: public, max-age=31536000\n"
+        "  expires: 2031-01-02 03:04:05\n"  # a YAML timestamp, read as UTC
+        "  user: {migrated-by: migrator}\n"
+        "tags: replace\n"
+        "tag_values: {project: avatars}\n"
+        "storage_class: GLACIER_IR\n"
+        "sse: aws:kms\n"
+        "kms_key_id: arn:aws:kms:eu-west-1:111122223333:alias/avatars\n"
+        "acl: bucket-owner-full-control\n"
+    )
+    attrs = load_config(write(tmp_path, text=text), env={}).attributes
+    assert attrs.replace_metadata and attrs.replace_tags
+    assert dict(attrs.content) == {
+        "content_type": "image/webp",
+        "cache_control": "public, max-age=31536000",
+        "expires": datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC),
+    }
+    assert attrs.user == (("migrated-by", "migrator"),)
+    assert attrs.tags == (("project", "avatars"),)
+    assert (attrs.storage_class, attrs.sse, attrs.acl) == (
+        "GLACIER_IR",
+        "aws:kms",
+        "bucket-owner-full-control",
+    )
+    assert attrs.kms_key_id == "arn:aws:kms:eu-west-1:111122223333:alias/avatars"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "1234abcd-12ab-34cd-56ef-1234567890ab",
+        "mrk-1234abcd12ab34cd56ef1234567890ab",
+        "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "alias/aws/s3",
+        "arn:aws-cn:kms:cn-north-1:111122223333:alias/avatars",
+    ],
+)
+def test_kms_key_forms(tmp_path: Path, key: str) -> None:
+    data = mutated(lambda d: d.update(sse="aws:kms", kms_key_id=key))
+    assert load_config(write(tmp_path, data), env={}).kms_key_id == key
+
+
+def test_replace_with_empty_values_is_allowed(tmp_path: Path) -> None:
+    """``tag_values: {}`` removes every tag; ``metadata_values: {}`` keeps nothing."""
+    data = mutated(
+        lambda d: d.update(metadata="replace", metadata_values={}, tags="replace", tag_values={})
+    )
+    attrs = load_config(write(tmp_path, data), env={}).attributes
+    assert attrs.replace_metadata and attrs.content == () and attrs.user == ()
+    assert attrs.replace_tags and attrs.tags == ()

@@ -12,12 +12,22 @@ from migrator.storage.crt import _parse_listing, parse, parse_listing
 NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 
 
-def contents(key: str, *, checksum: bool = False, size: int = 7) -> str:
+def contents(
+    key: str,
+    *,
+    checksum: bool = False,
+    size: int = 7,
+    storage_class: str | None = "STANDARD",
+    owner: bool = False,
+) -> str:
     extra = "<ChecksumAlgorithm>CRC32</ChecksumAlgorithm>" if checksum else ""
+    after = "<Owner><ID>75aa</ID><DisplayName>webfile</DisplayName></Owner>" if owner else ""
+    if storage_class is not None:
+        after += f"<StorageClass>{storage_class}</StorageClass>"
     return (
         f"<Contents><Key>{key}</Key><LastModified>2026-11-25T04:03:17.405Z</LastModified>"
         f"<ETag>&quot;cfb767f225d58469c5de3632a8803958&quot;</ETag>{extra}<Size>{size}</Size>"
-        "<StorageClass>STANDARD</StorageClass></Contents>"
+        f"{after}</Contents>"
     )
 
 
@@ -52,6 +62,15 @@ LAYOUTS = {
         '    <Key>in/x.png</Key>\n    <Size>3</Size>\n    <ETag>"abc"</ETag>\n'
         "  </Contents>\n</ListBucketResult>"
     ),
+    # storage classes other than STANDARD, none at all, and fetch-owner's Owner before them
+    "classes": (
+        f"<ListBucketResult {NS}><IsTruncated>false</IsTruncated>"
+        + contents("in/ia.png", storage_class="STANDARD_IA")
+        + contents("in/glacier.png", storage_class="GLACIER", owner=True)
+        + contents("in/none.png", storage_class=None)
+        + contents("in/standard.png", owner=True)
+        + "</ListBucketResult>"
+    ),
     "empty": f"<ListBucketResult {NS}><IsTruncated>false</IsTruncated></ListBucketResult>",
 }
 
@@ -71,6 +90,19 @@ def test_listing_values() -> None:
     assert parse_listing(LAYOUTS["moto"].encode())[1] is None
     [escaped], _ = parse_listing(LAYOUTS["escaped"].encode())
     assert escaped.key == "in/a&b <c>.png"
+
+
+def test_listing_keeps_storage_classes_other_than_standard() -> None:
+    """A copy keeps the listed class (``storage_class: copy``); ``STANDARD``, which a copy gets
+    without asking, and a listing without the element are both None."""
+    objects, _ = parse_listing(LAYOUTS["classes"].encode())
+    assert [(o.key, o.storage_class) for o in objects] == [
+        ("in/ia.png", "STANDARD_IA"),
+        ("in/glacier.png", "GLACIER"),
+        ("in/none.png", None),
+        ("in/standard.png", None),
+    ]
+    assert {o.storage_class for o in parse_listing(LAYOUTS["s3"].encode())[0]} == {None}
 
 
 @pytest.mark.parametrize(

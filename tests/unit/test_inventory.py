@@ -155,3 +155,23 @@ def test_parquet_batches() -> None:
         got = list(parquet_objects(fh))
     assert len(got) == 2499 and got[0].key == "image/0 +%ü"
     assert got[0].last_modified == when and got[-1].size == 2499
+
+
+def test_storage_class_is_read_from_csv_and_parquet() -> None:
+    """Kept for ``storage_class: copy``; ``STANDARD`` (a copy's class without asking) as None."""
+    fields = ("Bucket", "Key", "Size", "ETag", "StorageClass")
+    lines = ['"b","k1","3","e1","STANDARD_IA"\n', '"b","k2","3","e2","STANDARD"\n']
+    got = list(csv_objects(gz_csv(lines), fields))
+    assert [o.storage_class for o in got] == ["STANDARD_IA", None]
+    table = pa.table(
+        {
+            "key": ["k1", "k2", "k3"],
+            "size": [1, 2, 3],
+            "e_tag": ["e", "e", "e"],
+            "storage_class": ["GLACIER_IR", "STANDARD", None],
+        }
+    )
+    with tempfile.TemporaryFile() as fh:
+        pq.write_table(table, fh)
+        fh.seek(0)
+        assert [o.storage_class for o in parquet_objects(fh)] == ["GLACIER_IR", None, None]

@@ -182,6 +182,7 @@ class Listed:
     size: int = 1
     etag: str = "e"
     last_modified: datetime | None = None
+    storage_class: str | None = None
 
 
 def test_plan_page_counts_and_leaves_out() -> None:
