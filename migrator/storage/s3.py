@@ -446,13 +446,61 @@ class S3Service:
         error, or None when ``stop`` was set before every part was sent (or
         ``before_complete``, told the ETag the object will have, answered False).
 
-        Incomplete uploads to ``dst_key`` (left by a killed worker) are aborted first; every
-        ``UploadPartCopy`` carries ``CopySourceIfMatch`` (a changed source fails with 412, as a
-        single copy does). With ``if_absent`` a destination that exists is refused (412)
-        before any part is copied, and ``CompleteMultipartUpload`` carries
-        ``If-None-Match: *`` for one created meanwhile. Any failure aborts this upload, so no
-        parts are left behind. Parts go out in parallel, at most ``threads`` at a time,
-        through boto3 (these calls are few and big; botocore retries each one).
+        Every ``UploadPartCopy`` carries ``CopySourceIfMatch`` (a changed source fails with
+        412, as a single copy does); the rest is :meth:`upload_in_parts`. Parts go out through
+        boto3 (these calls are few and big; botocore retries each one).
+        """
+        source = {"Bucket": src_bucket, "Key": src_key}
+
+        def copy_part(upload_id: str, part: Part) -> str:
+            resp = self.boto.upload_part_copy(
+                Bucket=dst_bucket,
+                Key=dst_key,
+                UploadId=upload_id,
+                PartNumber=part.number,
+                CopySource=source,
+                CopySourceIfMatch=f'"{if_match}"',
+                CopySourceRange=part.range,
+            )
+            return strip_etag(resp["CopyPartResult"]["ETag"])
+
+        return self.upload_in_parts(
+            dst_bucket,
+            dst_key,
+            plan_parts(size, part_size),
+            size,
+            headers=lambda: _carried_headers(self.boto, src_bucket, src_key, if_match),
+            send_part=copy_part,
+            if_absent=if_absent,
+            stop=stop,
+            before_complete=before_complete,
+        )
+
+    def upload_in_parts(
+        self,
+        dst_bucket: str,
+        dst_key: str,
+        parts: list[Part],
+        size: int,
+        *,
+        headers: Callable[[], dict[str, Any]],
+        send_part: Callable[[str, Part], str],
+        if_absent: bool,
+        stop: Any = None,
+        before_complete: Callable[[str], bool] | None = None,
+    ) -> MultipartCopy | S3OperationError | None:
+        """A multipart upload to ``dst_key`` in this service, whose parts ``send_part`` makes
+        (``UploadPartCopy``, or a streamed ``UploadPart``): the completed upload, the error, or
+        None when ``stop`` was set before every part was sent (or ``before_complete``, told
+        the ETag the object will have, answered False).
+
+        Incomplete uploads to ``dst_key`` (left by a killed worker) are aborted first; then
+        ``headers()`` gives ``CreateMultipartUpload``'s arguments (it reads the planned source
+        version, so a changed source fails there, before any part). With ``if_absent`` a
+        destination that exists is refused (412) before any part is sent, and
+        ``CompleteMultipartUpload`` carries ``If-None-Match: *`` for one created meanwhile.
+        Any failure aborts this upload, so no parts are left behind. Parts go out in
+        parallel, at most ``threads`` at a time.
         """
         if stop is not None and stop.is_set():
             return None
@@ -465,13 +513,11 @@ class S3Service:
                     "the destination key already holds an object",
                 )
             abort_incomplete(self.boto, dst_bucket, dst_key)
-            carried = _carried_headers(self.boto, src_bucket, src_key, if_match)
+            carried = headers()
             upload_id = self.boto.create_multipart_upload(
                 Bucket=dst_bucket, Key=dst_key, **carried
             )["UploadId"]
-            source = {"Bucket": src_bucket, "Key": src_key}
-            parts = plan_parts(size, part_size)
-            etags = self._copy_parts(dst_bucket, dst_key, upload_id, source, if_match, parts, stop)
+            etags = self._send_parts(upload_id, parts, send_part, stop)
             expected = multipart_etag(etags) if etags is not None else ""
             if etags is None or (before_complete is not None and not before_complete(expected)):
                 _abort(self.boto, dst_bucket, dst_key, upload_id)
@@ -501,38 +547,26 @@ class S3Service:
             raise
         return MultipartCopy(strip_etag(resp["ETag"]), expected, len(parts))
 
-    def _copy_parts(
+    def _send_parts(
         self,
-        dst_bucket: str,
-        dst_key: str,
         upload_id: str,
-        source: dict[str, str],
-        if_match: str,
         parts: list[Part],
+        send_part: Callable[[str, Part], str],
         stop: Any,
     ) -> list[str] | None:
-        """``UploadPartCopy`` for every part, in parallel; the part ETags in order, or None
-        when a stop request left parts unsent. The first failure stops further sends and is
-        raised (a changed source first: that decides what happens to the row)."""
+        """``send_part`` for every part, in parallel; the part ETags in order, or None when a
+        stop request left parts unsent. The first failure stops further sends and is raised (a
+        changed source first: that decides what happens to the row)."""
         failed = threading.Event()
 
         def one(part: Part) -> str | S3OperationError | None:
             if failed.is_set() or (stop is not None and stop.is_set()):
                 return None
             try:
-                resp = self.boto.upload_part_copy(
-                    Bucket=dst_bucket,
-                    Key=dst_key,
-                    UploadId=upload_id,
-                    PartNumber=part.number,
-                    CopySource=source,
-                    CopySourceIfMatch=f'"{if_match}"',
-                    CopySourceRange=part.range,
-                )
-            except (ClientError, BotoCoreError) as exc:
+                return send_part(upload_id, part)
+            except (ClientError, BotoCoreError, S3OperationError) as exc:
                 failed.set()
-                return classify(exc)
-            return strip_etag(resp["CopyPartResult"]["ETag"])
+                return exc if isinstance(exc, S3OperationError) else classify(exc)
 
         if self._part_pool is None:
             self._part_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3-part")
