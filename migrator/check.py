@@ -64,9 +64,13 @@ class _Side:
 
     def __init__(self, cfg: Config, loc: Location, side: str) -> None:
         self.cfg, self.loc, self.side = cfg, loc, side
-        self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
         self.versioning = ""  # "", "Enabled" or "Suspended"
         self.where = f"s3://{loc.bucket}/{loc.prefix}"
+        self.problem: str | None = None  # why no client can be built (an unknown profile)
+        try:
+            self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
+        except MigratorError as exc:
+            self.problem = str(exc)
 
     @functools.cached_property
     def client(self) -> Any:
@@ -81,6 +85,8 @@ class _Side:
         return Item(f"{self.side}: {what}", status, detail)
 
     def credentials(self, *, validate: bool = True) -> Item:
+        if self.problem is not None:
+            return self.item("credentials", "fail", self.problem)
         creds = self.factory.core.get_credentials()
         if creds is None:
             profile = f" (profile {self.loc.profile})" if self.loc.profile else ""
@@ -90,6 +96,19 @@ class _Side:
                 f"no AWS credentials found{profile}: set AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, a profile, or a role",
             )
+        if self.loc.role_arn is not None:
+            # Assumed now (one AssumeRole), so a role that cannot be assumed fails here with
+            # STS's reason rather than as "access denied" on the first bucket.
+            try:
+                creds.get_frozen_credentials()
+            except (ClientError, BotoCoreError) as exc:
+                return self.item(
+                    "credentials",
+                    "fail",
+                    f"{self.side}.role_arn {self.loc.role_arn} cannot be assumed "
+                    f"({_s3_reason(exc)}); check the role ARN, external_id, the role's trust "
+                    "policy and that the profile's credentials may call sts:AssumeRole",
+                )
         if not validate:
             return self.item("credentials", "ok", f"found ({creds.method})")
         if self.loc.endpoint_url is not None:

@@ -28,6 +28,11 @@ KEY_FIELD = "{key}"
 MAX_TEMPLATE_CHARS = 1000
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# IAM's own patterns: a role ARN (any partition, paths allowed), AssumeRole's ExternalId and
+# RoleSessionName.
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/\-]{1,512}$", re.ASCII)
+_EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/\-]{2,1224}$", re.ASCII)
+_SESSION_NAME_RE = re.compile(r"^[\w+=,.@\-]{2,64}$", re.ASCII)
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _CREDENTIAL_KEYS = {
     "aws_access_key_id",
@@ -53,6 +58,11 @@ class Location(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    # A role this side's requests are made as: assumed with the credentials of ``profile`` (or
+    # of the standard chain), refreshed before they expire.
+    role_arn: str | None = None
+    external_id: str | None = None
+    role_session_name: str | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -70,6 +80,39 @@ class Location(_Strict):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"{_short(v)} is not an http(s) URL, e.g. http://127.0.0.1:9000")
         return v
+
+    @field_validator("role_arn")
+    @classmethod
+    def _role_arn(cls, v: str | None) -> str | None:
+        if v is not None and not _ROLE_ARN_RE.fullmatch(v):
+            raise ValueError(
+                f"{_short(v)} is not an IAM role ARN, e.g. arn:aws:iam::123456789012:role/migrator"
+            )
+        return v
+
+    @field_validator("external_id")
+    @classmethod
+    def _external_id(cls, v: str | None) -> str | None:
+        if v is not None and not _EXTERNAL_ID_RE.fullmatch(v):
+            raise ValueError(
+                "must be 2-1224 letters, digits or characters of '_+=,.@:/-' (what AssumeRole "
+                "accepts)"
+            )
+        return v
+
+    @field_validator("role_session_name")
+    @classmethod
+    def _session_name(cls, v: str | None) -> str | None:
+        if v is not None and not _SESSION_NAME_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} must be 2-64 letters, digits or characters of '_+=,.@-'")
+        return v
+
+    @model_validator(mode="after")
+    def _role_options(self) -> Location:
+        for name in ("external_id", "role_session_name"):
+            if getattr(self, name) is not None and self.role_arn is None:
+                raise ValueError(f"{name} is used only with role_arn; add role_arn or remove it")
+        return self
 
 
 class Template(str):

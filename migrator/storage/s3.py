@@ -8,6 +8,7 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,12 @@ import boto3
 import botocore.loaders
 import botocore.session
 from botocore.config import Config as BotoConfig
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    CredentialResolver,
+    DeferredRefreshableCredentials,
+)
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from migrator.config import Location
@@ -36,6 +43,10 @@ from migrator.storage.crt import CrtS3
 from migrator.storage.multipart import Part, multipart_etag, plan_parts
 
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1,000 keys
+_STS_REGION = "us-east-1"  # for AssumeRole when neither the side nor its profile names a region
+# Assumed-role credentials by base profile, then by AssumeRole's arguments (botocore's cache
+# key): the clients a process builds for one side share one AssumeRole until it expires.
+_ROLE_CACHE: dict[str, dict[str, Any]] = {}
 
 # One botocore data loader per process, shared by every client: it caches the S3 service model
 # and endpoint rules (a few MB of JSON). Warmed in the fork server, a worker's clients cost
@@ -97,8 +108,60 @@ class RetryCounter:
         return n
 
 
+class _RoleProvider(CredentialProvider):
+    """A credential chain of one link: the credentials of an assumed role."""
+
+    METHOD = "assume-role"
+
+    def __init__(self, credentials: Any) -> None:
+        super().__init__()
+        self.credentials = credentials
+
+    def load(self) -> Any:
+        return self.credentials
+
+
+def _session(location: Location) -> botocore.session.Session:
+    """The botocore session of one side: its profile's credentials (or the standard chain's),
+    or with ``role_arn`` the role's, assumed with those. The role's credentials are botocore's
+    own ``AssumeRoleCredentialFetcher`` in ``DeferredRefreshableCredentials``: assumed at the
+    first request and again before they expire (what botocore does for a profile's
+    ``role_arn``); the STS client takes its endpoint from the profile and the environment
+    (``AWS_ENDPOINT_URL_STS``, a ``services`` section) like any other."""
+    base = botocore.session.Session(profile=location.profile or None)
+    base.register_component("data_loader", _LOADER)
+    if location.profile and location.profile not in base.available_profiles:
+        raise PreflightError(
+            f"AWS profile {location.profile!r} is not in the AWS config or credentials files; "
+            "fix the profile name, or point AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE at "
+            "the files that define it"
+        )
+    if location.role_arn is None:
+        return base
+    source = base.get_credentials()
+    credentials = None
+    if source is not None:  # else the role's session has none either: "no credentials found"
+        extra = {"RoleSessionName": location.role_session_name or "migrator"}
+        if location.external_id is not None:
+            extra["ExternalId"] = location.external_id
+        region = location.region or base.get_config_variable("region") or _STS_REGION
+        fetcher = AssumeRoleCredentialFetcher(
+            functools.partial(base.create_client, region_name=region),
+            source,
+            location.role_arn,
+            extra_args=extra,
+            cache=_ROLE_CACHE.setdefault(location.profile or "", {}),
+        )
+        credentials = DeferredRefreshableCredentials(fetcher.fetch_credentials, "assume-role")
+    role = botocore.session.Session(profile=location.profile or None)
+    role.register_component("data_loader", _LOADER)
+    role.register_component("credential_provider", CredentialResolver([_RoleProvider(credentials)]))
+    return role
+
+
 class ClientFactory:
-    """Builds boto3 S3 clients for one side of the move (one client per process)."""
+    """Builds boto3 S3 clients for one side of the move (one client per process), with that
+    side's credentials (``profile``, ``role_arn``)."""
 
     def __init__(
         self,
@@ -114,8 +177,7 @@ class ClientFactory:
         self.max_pool = max_pool
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
-        self.core = botocore.session.Session(profile=location.profile or None)
-        self.core.register_component("data_loader", _LOADER)
+        self.core = _session(location)
         self.session = boto3.session.Session(botocore_session=self.core)
 
     def client(self, retries: RetryCounter | None = None) -> Any:

@@ -159,6 +159,16 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         ("app_db", "not both"),
     ),
     ("destination-inside-source", _dest_inside_source, ("overlaps source prefix",)),
+    (
+        "role-arn-malformed",
+        _set("destination", role_arn="arn:aws:iam::12345:role/x"),
+        ("destination.role_arn", "is not an IAM role ARN"),
+    ),
+    (
+        "external-id-without-role",
+        _set("source", external_id="abc-123"),
+        ("source", "external_id is used only with role_arn"),
+    ),
     ("source-inside-destination", _source_inside_dest, ("overlaps source prefix",)),
     (
         "keys-bad-regex",

@@ -14,6 +14,7 @@ from migrator.config import ENV_APP_DB_URL, ENV_LEDGER, Config, load_config
 from migrator.errors import ConfigError, redact
 
 PASSWORD = "s3cretpw"
+ROLE = "arn:aws:iam::123456789012:role/migrator"
 PG_WITH_PASSWORD = f"postgresql+psycopg2://u:{PASSWORD}@db.example.com/app"
 
 
@@ -342,6 +343,42 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "'after_all', 'per_chunk' or 'never'",
     ),
     ("job-name", lambda d: d.update(job="my job!"), "job", "letters, digits"),
+    (
+        "role-arn-not-a-role",
+        lambda d: d["source"].update(role_arn="arn:aws:iam::123456789012:user/migrator"),
+        "source.role_arn",
+        "is not an IAM role ARN, e.g. arn:aws:iam::123456789012:role/migrator",
+    ),
+    (
+        "role-arn-trailing-newline",
+        lambda d: d["source"].update(role_arn=ROLE + "\n"),
+        "source.role_arn",
+        "is not an IAM role ARN",
+    ),
+    (
+        "role-arn-short-account",
+        lambda d: d["destination"].update(role_arn="arn:aws:iam::1234:role/migrator"),
+        "destination.role_arn",
+        "is not an IAM role ARN",
+    ),
+    (
+        "external-id-spaces",
+        lambda d: d["source"].update(role_arn=ROLE, external_id="has spaces"),
+        "source.external_id",
+        "must be 2-1224 letters, digits or characters",
+    ),
+    (
+        "session-name-too-long",
+        lambda d: d["source"].update(role_arn=ROLE, role_session_name="s" * 65),
+        "source.role_session_name",
+        "must be 2-64 letters",
+    ),
+    (
+        "external-id-without-role",
+        lambda d: d["destination"].update(external_id="abc"),
+        "destination",
+        "external_id is used only with role_arn; add role_arn or remove it",
+    ),
     ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
     ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
 ]
@@ -680,3 +717,31 @@ def test_notify_defaults_and_the_environment(tmp_path: Path) -> None:
     both = load_config(write(tmp_path, kept), env={"MIGRATOR_WEBHOOK_URL": HOOK})
     assert both.notify is not None and both.notify.webhook_url == HOOK
     assert both.notify.events == ("failed",)
+
+
+# -- credentials per side --------------------------------------------------------------------
+
+
+def _sides(**changes: dict[str, Any]) -> dict[str, Any]:
+    data = base()
+    for side, values in changes.items():
+        data[side].update(values)
+    return data
+
+
+def test_role_options_are_kept_per_side(tmp_path: Path) -> None:
+    data = _sides(
+        source={"profile": "legacy-account"},
+        destination={
+            "profile": "ops",
+            "role_arn": "arn:aws-cn:iam::210987654321:role/path/to/migrator-writer",
+            "external_id": "ext:id/1",
+            "role_session_name": "migrator@avatars",
+        },
+    )
+    cfg = load_config(write(tmp_path, data), env={})
+    assert (cfg.source.profile, cfg.source.role_arn) == ("legacy-account", None)
+    dst = cfg.destination
+    assert dst.profile == "ops"
+    assert dst.role_arn == "arn:aws-cn:iam::210987654321:role/path/to/migrator-writer"
+    assert (dst.external_id, dst.role_session_name) == ("ext:id/1", "migrator@avatars")
