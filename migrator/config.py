@@ -10,7 +10,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -113,6 +121,18 @@ class Location(_Strict):
             if getattr(self, name) is not None and self.role_arn is None:
                 raise ValueError(f"{name} is used only with role_arn; add role_arn or remove it")
         return self
+
+    @property
+    def connection(self) -> tuple[str | None, ...]:
+        """Everything but the bucket and prefix: two sides with the same connection are
+        reached through one S3 client."""
+        return (self.endpoint_url, self.region, *self.principal, self.role_session_name)
+
+    @property
+    def principal(self) -> tuple[str | None, ...]:
+        """Who this side's requests are made as: two sides with the same principal have the
+        same credentials (the same profile, assuming the same role)."""
+        return (self.profile, self.role_arn, self.external_id)
 
 
 class Template(str):
@@ -355,6 +375,10 @@ class Config(_Strict):
     multipart_threshold: int = Field(strict=True, default=128 * MIB)
     part_size: int = Field(strict=True, default=64 * MIB)
     notify: NotifyConfig | None = None
+    # How objects get to the destination: server-side copies (CopyObject, UploadPartCopy),
+    # streamed GET → PUT through this host, or (auto) the first where both sides share an
+    # endpoint and credentials, else the second.
+    copy_mode: Literal["auto", "server", "stream"] = "auto"
 
     @field_validator("multipart_threshold")
     @classmethod
@@ -404,6 +428,33 @@ class Config(_Strict):
                 "where neither contains the other"
             )
         return self
+
+    @field_validator("copy_mode")
+    @classmethod
+    def _server_side_possible(cls, v: str, info: ValidationInfo) -> str:
+        src, dst = info.data.get("source"), info.data.get("destination")
+        if v == "server" and src and dst and src.endpoint_url != dst.endpoint_url:
+            raise ValueError(
+                "server needs source and destination on the same endpoint_url (a server-side "
+                "copy is one request to one S3 service); use stream or auto to copy between "
+                "endpoints"
+            )
+        return v
+
+    @property
+    def same_endpoint(self) -> bool:
+        """Both buckets on one S3 service (AWS, or the same ``endpoint_url``): a server-side
+        copy can reach the source from the destination."""
+        return self.source.endpoint_url == self.destination.endpoint_url
+
+    @property
+    def streams(self) -> bool:
+        """Whether copies are streamed (GET → PUT through this host) rather than made by S3:
+        ``copy_mode: stream``, or ``auto`` with the sides on different endpoints or with
+        different credentials (which may not read the other side)."""
+        if self.copy_mode == "auto":
+            return not (self.same_endpoint and self.source.principal == self.destination.principal)
+        return self.copy_mode == "stream"
 
     @model_validator(mode="after")
     def _replace_under_destination(self) -> Config:

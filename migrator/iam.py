@@ -19,6 +19,14 @@ What each action is for (the S3 API call that needs it):
   ``s3:ListBucketMultipartUploads``: cleaning up incomplete multipart uploads.
 * both: ``s3:GetBucketVersioning`` and ``s3:GetBucketLocation`` for ``migrator check``.
 
+Streamed copies (``copy_mode: stream``) need the same: the source's ``s3:GetObject`` for
+``GetObject`` (whole, or by range for parts) and ``HeadObject``, ``s3:GetObjectTagging`` for
+its tags; the destination's ``s3:PutObject`` for ``PutObject`` and the multipart calls,
+``s3:PutObjectTagging`` for the tags. A server-side copy whose sides have different
+credentials (``copy_mode: server``, another account) is sent with the destination's, so the
+destination policy also grants reading the source (``DestinationReadsSource``); the source
+bucket's policy must allow that principal too.
+
 Object statements are limited to ``bucket/prefix*``; bucket statements cannot be (see
 ``_bucket_statement``). A prefix holding ``*`` or ``?`` would widen the object resource, as
 those are wildcards in IAM resource ARNs.
@@ -86,13 +94,18 @@ def destination_policy(cfg: Config) -> dict[str, Any]:
         "s3:GetBucketVersioning",
     ]
     objects = ["s3:PutObject", "s3:PutObjectTagging", "s3:GetObject", "s3:AbortMultipartUpload"]
-    return {
-        "Version": VERSION,
-        "Statement": [
-            _bucket_statement("DestinationBucket", dst, bucket),
-            _objects("DestinationObjects", dst, objects),
-        ],
-    }
+    statements = [
+        _bucket_statement("DestinationBucket", dst, bucket),
+        _objects("DestinationObjects", dst, objects),
+    ]
+    if not cfg.streams and cfg.source.principal != cfg.destination.principal:
+        # CopyObject / UploadPartCopy read the source with the destination's credentials;
+        # ListBucket makes a deleted source a 404 rather than a 403.
+        statements += [
+            _bucket_statement("DestinationListsSource", cfg.source, ["s3:ListBucket"]),
+            _objects("DestinationReadsSource", cfg.source, ["s3:GetObject", "s3:GetObjectTagging"]),
+        ]
+    return {"Version": VERSION, "Statement": statements}
 
 
 def policies(cfg: Config) -> dict[str, dict[str, Any]]:

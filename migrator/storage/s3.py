@@ -161,7 +161,8 @@ def _session(location: Location) -> botocore.session.Session:
 
 class ClientFactory:
     """Builds boto3 S3 clients for one side of the move (one client per process), with that
-    side's credentials (``profile``, ``role_arn``)."""
+    side's credentials (``profile``, ``role_arn``). ``streamed_writes``: for a destination
+    whose PUTs stream a source's GET (``copy_mode: stream``)."""
 
     def __init__(
         self,
@@ -171,26 +172,36 @@ class ClientFactory:
         max_attempts: int = 10,
         connect_timeout: float = 10,
         request_checksums: str = "when_supported",
+        streamed_writes: bool = False,
     ) -> None:
         self.location = location
         self.request_checksums = request_checksums
         self.max_pool = max_pool
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
+        self.streamed_writes = streamed_writes
         self.core = _session(location)
         self.session = boto3.session.Session(botocore_session=self.core)
 
     def client(self, retries: RetryCounter | None = None) -> Any:
         loc = self.location
         session = self.session
+        s3_config: dict[str, Any] = {"addressing_style": "path"} if loc.endpoint_url else {}
+        checksums = self.request_checksums
+        if self.streamed_writes:
+            # A PUT's body is the source's GET, read once as it goes out: botocore must not
+            # read it beforehand to sign its SHA-256 or to put a checksum in a header (over
+            # HTTP it would do both). migrator checks the ETag against its own MD5 instead.
+            s3_config["payload_signing_enabled"] = False
+            checksums = "when_required"
         config = BotoConfig(
             retries={"mode": "adaptive", "max_attempts": self.max_attempts},
             max_pool_connections=self.max_pool,
             connect_timeout=self.connect_timeout,
             read_timeout=120,
             tcp_keepalive=True,
-            s3={"addressing_style": "path"} if loc.endpoint_url else None,
-            request_checksum_calculation=self.request_checksums,
+            s3=s3_config or None,
+            request_checksum_calculation=checksums,
         )
         client = session.client(
             "s3", endpoint_url=loc.endpoint_url, region_name=loc.region, config=config

@@ -379,6 +379,16 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "destination",
         "external_id is used only with role_arn; add role_arn or remove it",
     ),
+    ("copy-mode-unknown", lambda d: d.update(copy_mode="fast"), "copy_mode", "'auto', 'server'"),
+    (
+        "copy-mode-server-across-endpoints",
+        lambda d: (
+            d.update(copy_mode="server")
+            or d["destination"].update(endpoint_url="http://127.0.0.1:5001")
+        ),
+        "copy_mode",
+        "server needs source and destination on the same endpoint_url",
+    ),
     ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
     ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
 ]
@@ -719,7 +729,7 @@ def test_notify_defaults_and_the_environment(tmp_path: Path) -> None:
     assert both.notify.events == ("failed",)
 
 
-# -- credentials per side --------------------------------------------------------------------
+# -- copy mode and credentials per side ------------------------------------------------------
 
 
 def _sides(**changes: dict[str, Any]) -> dict[str, Any]:
@@ -727,6 +737,32 @@ def _sides(**changes: dict[str, Any]) -> dict[str, Any]:
     for side, values in changes.items():
         data[side].update(values)
     return data
+
+
+@pytest.mark.parametrize(
+    ("copy_mode", "source", "destination", "streams"),
+    [
+        ("auto", {}, {}, False),  # one endpoint, one principal: server-side, as before
+        ("auto", {}, {"region": "eu-west-1"}, False),  # a cross-region CopyObject
+        ("auto", {}, {"endpoint_url": "http://127.0.0.1:5001"}, True),
+        ("auto", {"profile": "a"}, {"profile": "b"}, True),
+        ("auto", {"profile": "a"}, {"profile": "a", "role_arn": ROLE}, True),
+        ("auto", {"profile": "a", "role_arn": ROLE}, {"profile": "a", "role_arn": ROLE}, False),
+        ("server", {"profile": "a"}, {"profile": "b"}, False),  # cross-account bucket policy
+        ("stream", {}, {}, True),
+    ],
+)
+def test_copy_mode_decides_how_objects_are_copied(
+    tmp_path: Path,
+    copy_mode: str,
+    source: dict[str, Any],
+    destination: dict[str, Any],
+    streams: bool,
+) -> None:
+    data = _sides(source=source, destination=destination)
+    data["copy_mode"] = copy_mode
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.streams is streams
 
 
 def test_role_options_are_kept_per_side(tmp_path: Path) -> None:
@@ -740,6 +776,7 @@ def test_role_options_are_kept_per_side(tmp_path: Path) -> None:
         },
     )
     cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.copy_mode == "auto"
     assert (cfg.source.profile, cfg.source.role_arn) == ("legacy-account", None)
     dst = cfg.destination
     assert dst.profile == "ops"
