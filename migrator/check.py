@@ -48,28 +48,19 @@ def _s3_reason(exc: Exception) -> str:
     return str(exc)
 
 
-DIFFERENT_ENDPOINTS = (
-    "source and destination use different endpoints, regions or profiles; "
-    "server-side copy needs one S3 service for both sides"
-)
-
-
-def same_endpoint(cfg: Config) -> bool:
-    """Both sides reachable through one S3 service, so a server-side copy can work."""
-    return cfg.source.model_dump(exclude={"bucket", "prefix"}) == cfg.destination.model_dump(
-        exclude={"bucket", "prefix"}
-    )
-
-
 class _Side:
     """The checks of one bucket, with one client and what earlier checks found."""
 
     def __init__(self, cfg: Config, loc: Location, side: str) -> None:
         self.cfg, self.loc, self.side = cfg, loc, side
-        self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
         self.versioning = ""  # "", "Enabled" or "Suspended"
         self.bucket_region: str | None = loc.region  # as HeadBucket says, once checked
         self.where = f"s3://{loc.bucket}/{loc.prefix}"
+        self.problem: str | None = None  # why no client can be built (an unknown profile)
+        try:
+            self.factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
+        except MigratorError as exc:
+            self.problem = str(exc)
 
     @functools.cached_property
     def client(self) -> Any:
@@ -84,6 +75,8 @@ class _Side:
         return Item(f"{self.side}: {what}", status, detail)
 
     def credentials(self, *, validate: bool = True) -> Item:
+        if self.problem is not None:
+            return self.item("credentials", "fail", self.problem)
         creds = self.factory.core.get_credentials()
         if creds is None:
             profile = f" (profile {self.loc.profile})" if self.loc.profile else ""
@@ -93,6 +86,19 @@ class _Side:
                 f"no AWS credentials found{profile}: set AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, a profile, or a role",
             )
+        if self.loc.role_arn is not None:
+            # Assumed now (one AssumeRole), so a role that cannot be assumed fails here with
+            # STS's reason rather than as "access denied" on the first bucket.
+            try:
+                creds.get_frozen_credentials()
+            except (ClientError, BotoCoreError) as exc:
+                return self.item(
+                    "credentials",
+                    "fail",
+                    f"{self.side}.role_arn {self.loc.role_arn} cannot be assumed "
+                    f"({_s3_reason(exc)}); check the role ARN, external_id, the role's trust "
+                    "policy and that the profile's credentials may call sts:AssumeRole",
+                )
         if not validate:
             return self.item("credentials", "ok", f"found ({creds.method})")
         if self.loc.endpoint_url is not None:
@@ -291,14 +297,15 @@ class _Side:
         return self.item("kms key", "ok", f"{arn} is enabled for encryption")
 
 
-def _side_items(cfg: Config, check: _Side) -> list[Item]:
-    """One bucket's items, stopping at the first that makes the rest meaningless."""
+def _side_items(cfg: Config, check: _Side) -> tuple[list[Item], str | None]:
+    """One bucket's items, stopping at the first that makes the rest meaningless; and the
+    first key listed there."""
     creds = check.credentials()
     if creds.status == "fail":
-        return [creds]
+        return [creds], None
     bucket = check.bucket()
     if bucket.status == "fail":
-        return [creds, bucket]
+        return [creds, bucket], None
     items = [creds, bucket, check.versioning_state()]
     listed, first = check.list_right()
     items.append(listed)
@@ -310,20 +317,66 @@ def _side_items(cfg: Config, check: _Side) -> list[Item]:
         if cfg.sse == "aws:kms":
             items.append(check.kms_key())
         items.append(check.write_right())
-    return items
+    return items, first
 
 
 def _s3_items(cfg: Config) -> list[Item]:
     items: list[Item] = []
+    first: str | None = None
     for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
         check = _Side(cfg, loc, side)
         try:
-            items += _side_items(cfg, check)
+            found, key = _side_items(cfg, check)
         finally:
             check.close()
-    if not same_endpoint(cfg):
-        items.append(Item("server-side copy", "fail", DIFFERENT_ENDPOINTS))
+        items += found
+        first = key if side == "source" else first
+    items.append(_copy_item(cfg, first))
     return items
+
+
+def _copy_item(cfg: Config, source_key: str | None) -> Item:
+    """How objects will be copied (``copy_mode``), and whether the credentials allow it."""
+    if cfg.streams:
+        if cfg.copy_mode == "stream":
+            why = "copy_mode: stream"
+        elif not cfg.same_endpoint:
+            why = "the sides are on different endpoints"
+        else:
+            why = "the sides use different credentials"
+        return Item("copy", "ok", f"streamed GET -> PUT through this host ({why})")
+    if cfg.source.principal == cfg.destination.principal:
+        return Item("copy", "ok", "server-side (CopyObject): no bytes pass through this host")
+    # copy_mode: server with other credentials: the destination's send the copies, and must be
+    # allowed to read the source (a bucket policy of the source's account).
+    if source_key is None:
+        return Item(
+            "copy",
+            "skip",
+            "server-side with the destination's credentials; no source "
+            "object to check that they can read it",
+        )
+    check = _Side(cfg, cfg.destination, "destination")
+    try:
+        if check.problem is not None:
+            return Item("copy", "fail", check.problem)
+        check.client.head_object(Bucket=cfg.source.bucket, Key=source_key)
+    except (ClientError, BotoCoreError) as exc:
+        return Item(
+            "copy",
+            "fail",
+            f"copy_mode: server: the destination's credentials cannot read the source "
+            f"({source_key}: {_s3_reason(exc)}); grant them s3:GetObject and "
+            "s3:GetObjectTagging on the source (a bucket policy), or use copy_mode: stream",
+        )
+    finally:
+        check.close()
+    return Item(
+        "copy",
+        "ok",
+        "server-side with the destination's credentials, which can read the source "
+        f"(HeadObject {source_key})",
+    )
 
 
 def _index_of(engine: sa.Engine, table: sa.Table, column: str) -> str | None:

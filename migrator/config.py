@@ -43,6 +43,11 @@ KEY_FIELD = "{key}"
 MAX_TEMPLATE_CHARS = 1000
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# IAM's own patterns: a role ARN (any partition, paths allowed), AssumeRole's ExternalId and
+# RoleSessionName.
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z\-]*:iam::\d{12}:role/[\w+=,.@/\-]{1,512}$", re.ASCII)
+_EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/\-]{2,1224}$", re.ASCII)
+_SESSION_NAME_RE = re.compile(r"^[\w+=,.@\-]{2,64}$", re.ASCII)
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _CREDENTIAL_KEYS = {
     "aws_access_key_id",
@@ -68,6 +73,11 @@ class Location(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
     profile: str | None = None
+    # A role this side's requests are made as: assumed with the credentials of ``profile`` (or
+    # of the standard chain), refreshed before they expire.
+    role_arn: str | None = None
+    external_id: str | None = None
+    role_session_name: str | None = None
 
     @field_validator("bucket")
     @classmethod
@@ -85,6 +95,51 @@ class Location(_Strict):
         if v is not None and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"{_short(v)} is not an http(s) URL, e.g. http://127.0.0.1:9000")
         return v
+
+    @field_validator("role_arn")
+    @classmethod
+    def _role_arn(cls, v: str | None) -> str | None:
+        if v is not None and not _ROLE_ARN_RE.fullmatch(v):
+            raise ValueError(
+                f"{_short(v)} is not an IAM role ARN, e.g. arn:aws:iam::123456789012:role/migrator"
+            )
+        return v
+
+    @field_validator("external_id")
+    @classmethod
+    def _external_id(cls, v: str | None) -> str | None:
+        if v is not None and not _EXTERNAL_ID_RE.fullmatch(v):
+            raise ValueError(
+                "must be 2-1224 letters, digits or characters of '_+=,.@:/-' (what AssumeRole "
+                "accepts)"
+            )
+        return v
+
+    @field_validator("role_session_name")
+    @classmethod
+    def _session_name(cls, v: str | None) -> str | None:
+        if v is not None and not _SESSION_NAME_RE.fullmatch(v):
+            raise ValueError(f"{_short(v)} must be 2-64 letters, digits or characters of '_+=,.@-'")
+        return v
+
+    @model_validator(mode="after")
+    def _role_options(self) -> Location:
+        for name in ("external_id", "role_session_name"):
+            if getattr(self, name) is not None and self.role_arn is None:
+                raise ValueError(f"{name} is used only with role_arn; add role_arn or remove it")
+        return self
+
+    @property
+    def connection(self) -> tuple[str | None, ...]:
+        """Everything but the bucket and prefix: two sides with the same connection are
+        reached through one S3 client."""
+        return (self.endpoint_url, self.region, *self.principal, self.role_session_name)
+
+    @property
+    def principal(self) -> tuple[str | None, ...]:
+        """Who this side's requests are made as: two sides with the same principal have the
+        same credentials (the same profile, assuming the same role)."""
+        return (self.profile, self.role_arn, self.external_id)
 
 
 class Template(str):
@@ -417,6 +472,10 @@ class Config(_Strict):
     multipart_threshold: int = Field(strict=True, default=128 * MIB)
     part_size: int = Field(strict=True, default=64 * MIB)
     notify: NotifyConfig | None = None
+    # How objects get to the destination: server-side copies (CopyObject, UploadPartCopy),
+    # streamed GET → PUT through this host, or (auto) the first where both sides share an
+    # endpoint and credentials, else the second.
+    copy_mode: Literal["auto", "server", "stream"] = "auto"
 
     @field_validator("multipart_threshold")
     @classmethod
@@ -539,6 +598,19 @@ class Config(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _streamed_kms(self) -> Config:
+        """A streamed copy is verified by the MD5 of the bytes it read, which an SSE-KMS
+        object's ETag is not; until streamed copies check a checksum instead, the two are
+        refused together rather than failing every copy's verification."""
+        if self.sse == "aws:kms" and self.streams:
+            raise ValueError(
+                "sse: aws:kms cannot be verified on streamed copies (copy_mode "
+                f"{self.copy_mode} streams here): copy server-side (copy_mode: server, the "
+                "destination's credentials reading the source) or use sse: AES256"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _no_overlap(self) -> Config:
         same_place = (
             self.source.bucket == self.destination.bucket
@@ -551,6 +623,33 @@ class Config(_Strict):
                 "where neither contains the other"
             )
         return self
+
+    @field_validator("copy_mode")
+    @classmethod
+    def _server_side_possible(cls, v: str, info: ValidationInfo) -> str:
+        src, dst = info.data.get("source"), info.data.get("destination")
+        if v == "server" and src and dst and src.endpoint_url != dst.endpoint_url:
+            raise ValueError(
+                "server needs source and destination on the same endpoint_url (a server-side "
+                "copy is one request to one S3 service); use stream or auto to copy between "
+                "endpoints"
+            )
+        return v
+
+    @property
+    def same_endpoint(self) -> bool:
+        """Both buckets on one S3 service (AWS, or the same ``endpoint_url``): a server-side
+        copy can reach the source from the destination."""
+        return self.source.endpoint_url == self.destination.endpoint_url
+
+    @property
+    def streams(self) -> bool:
+        """Whether copies are streamed (GET → PUT through this host) rather than made by S3:
+        ``copy_mode: stream``, or ``auto`` with the sides on different endpoints or with
+        different credentials (which may not read the other side)."""
+        if self.copy_mode == "auto":
+            return not (self.same_endpoint and self.source.principal == self.destination.principal)
+        return self.copy_mode == "stream"
 
     @model_validator(mode="after")
     def _replace_under_destination(self) -> Config:

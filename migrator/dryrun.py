@@ -79,15 +79,15 @@ def preview(
 
 
 def dry_run(cfg: Config, out: Console) -> Preview:
-    client = check_s3(cfg)
+    sides = check_s3(cfg)
     appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
     ledger = None
     with contextlib.suppress(LedgerError):
         ledger = Ledger(open_existing_ledger(cfg.ledger), cfg.job)
     try:
-        p = preview(cfg, client, appdb, ledger)
+        p = preview(cfg, sides.source, appdb, ledger)
     finally:
-        client.close()
+        sides.close()
         if appdb is not None:
             appdb.dispose()
         if ledger is not None:

@@ -30,6 +30,14 @@ What each action is for (the S3 API call that needs it):
   Sources that are themselves SSE-KMS need ``kms:Decrypt`` on their keys for the source's
   principal; migrator cannot know those keys from the config.
 
+Streamed copies (``copy_mode: stream``) need the same: the source's ``s3:GetObject`` for
+``GetObject`` (whole, or by range for parts) and ``HeadObject``, ``s3:GetObjectTagging`` for
+its tags; the destination's ``s3:PutObject`` for ``PutObject`` and the multipart calls,
+``s3:PutObjectTagging`` for the tags. A server-side copy whose sides have different
+credentials (``copy_mode: server``, another account) is sent with the destination's, so the
+destination policy also grants reading the source (``DestinationReadsSource``); the source
+bucket's policy must allow that principal too.
+
 Object statements are limited to ``bucket/prefix*``; bucket statements cannot be (see
 ``_bucket_statement``). A prefix holding ``*`` or ``?`` would widen the object resource, as
 those are wildcards in IAM resource ARNs.
@@ -107,6 +115,13 @@ def destination_policy(cfg: Config) -> dict[str, Any]:
     ]
     if cfg.sse == "aws:kms" and cfg.kms_key_id is not None:
         statements.append(_kms_statement("DestinationKmsKey", dst, cfg.kms_key_id))
+    if not cfg.streams and cfg.source.principal != cfg.destination.principal:
+        # CopyObject / UploadPartCopy read the source with the destination's credentials;
+        # ListBucket makes a deleted source a 404 rather than a 403.
+        statements += [
+            _bucket_statement("DestinationListsSource", cfg.source, ["s3:ListBucket"]),
+            _objects("DestinationReadsSource", cfg.source, ["s3:GetObject", "s3:GetObjectTagging"]),
+        ]
     return {"Version": VERSION, "Statement": statements}
 
 

@@ -94,6 +94,10 @@ def setup_logging(level: int, who: str = "", log_format: str = "text", job: str 
     root.setLevel(level)
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    # A failed refresh of assumed-role credentials is logged there with a traceback: a
+    # refresh that must succeed raises, and migrator reports it in one line; one that may fail
+    # is tried again at the next request.
+    logging.getLogger("botocore.credentials").setLevel(logging.ERROR)
 
 
 class EventWriter(io.TextIOBase):

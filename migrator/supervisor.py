@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.appdb import AppDatabase
-from migrator.check import DIFFERENT_ENDPOINTS, same_endpoint, start_checks
+from migrator.check import start_checks
 from migrator.config import Config
 from migrator.errors import (
     EXIT_FAILED_ROWS,
@@ -41,6 +41,7 @@ from migrator.progress import RunDisplay, Snapshot, Workers
 from migrator.spawn import start_fork_server
 from migrator.storage import s3
 from migrator.storage.common import ListedObject
+from migrator.storage.sides import Sides, open_sides
 from migrator.worker import worker_main
 
 log = logging.getLogger("migrator")
@@ -59,41 +60,45 @@ class Resources:
     appdb: AppDatabase | None
 
     def close(self) -> None:
-        self.source.close()
+        Sides(self.source, self.dest).close()
         if self.appdb is not None:
             self.appdb.dispose()
         self.engine.dispose()
 
 
-def check_s3(cfg: Config) -> s3.S3Service:
-    """Both buckets reachable through one S3 service; returns that service for this process."""
-    if not same_endpoint(cfg):
-        raise PreflightError(DIFFERENT_ENDPOINTS)
-    probe = s3.ClientFactory(
-        cfg.source, max_pool=cfg.concurrency + 4, max_attempts=2, connect_timeout=5
-    ).client()
-    s3.check_bucket(probe, cfg.source, "source")
-    s3.check_bucket(probe, cfg.destination, "destination")
-    return s3.service(cfg.source, cfg.transport, cfg.concurrency)
+def check_s3(cfg: Config) -> Sides:
+    """Both buckets reachable, each with its own side's credentials; returns the S3 services
+    of this process."""
+    probes: dict[tuple[str | None, ...], Any] = {}
+    try:
+        for loc, side in ((cfg.source, "source"), (cfg.destination, "destination")):
+            if loc.connection not in probes:
+                factory = s3.ClientFactory(loc, max_pool=2, max_attempts=2, connect_timeout=5)
+                probes[loc.connection] = factory.client()
+            s3.check_bucket(probes[loc.connection], loc, side)
+    finally:
+        for probe in probes.values():
+            probe.close()
+    return open_sides(cfg)
 
 
 def preflight(cfg: Config) -> Resources:
     """Check everything a run needs before anything is written: buckets, app table and column,
     then the ledger (created or upgraded last, so bad input leaves nothing behind)."""
-    service = check_s3(cfg)
+    sides = check_s3(cfg)
     try:
         appdb = AppDatabase(cfg.app_db) if cfg.app_db is not None else None
     except Exception:
-        service.close()
+        sides.close()
         raise
     try:
         engine = open_ledger(cfg.ledger)
     except Exception:
         if appdb is not None:
             appdb.dispose()
-        service.close()
+        sides.close()
         raise
-    return Resources(engine, Ledger(engine, cfg.job), service, service, appdb)
+    return Resources(engine, Ledger(engine, cfg.job), sides.source, sides.dest, appdb)
 
 
 def run_plan(

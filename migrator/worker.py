@@ -20,8 +20,8 @@ from migrator.errors import MigratorError, UnreachableError, db_reason, redact
 from migrator.ledger.repo import Ledger, ObjectRow, lease_owner_id, open_ledger
 from migrator.ledger.tables import State
 from migrator.logs import setup_logging
-from migrator.storage import s3
 from migrator.storage.s3 import RetryCounter
+from migrator.storage.sides import open_sides
 
 log = logging.getLogger("migrator.worker")
 
@@ -129,15 +129,16 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
     engine = open_ledger(cfg.ledger, upgrade=False)
     ledger = Ledger(engine, cfg.job)
     retries = RetryCounter()
-    source = s3.service(cfg.source, cfg.transport, cfg.concurrency, retries)
-    dest = source  # server-side copy: one S3 service for both buckets (checked at start)
+    sides = open_sides(cfg, retries)
     appdb = _open_appdb(cfg, local_stop)
     heartbeat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     heartbeat.start()
     errors = 0
     may_hold = False  # the last iteration ended in an error: rows may still be leased to us
     budget = stages.DeleteBudget(delete_budget) if delete_budget is not None else None
-    ctx = stages.ChunkContext(cfg, ledger, owner, source, dest, appdb, local_stop, budget)
+    ctx = stages.ChunkContext(
+        cfg, ledger, owner, sides.source, sides.dest, appdb, local_stop, budget
+    )
     try:
         while True:
             if local_stop.is_set():
@@ -179,7 +180,7 @@ def run_worker(cfg: Config, owner: str, stop: Any, delete_budget: Any = None) ->
             ledger.add_s3_retries(retries.take())
         if appdb is not None:
             appdb.dispose()
-        source.close()
+        sides.close()
         engine.dispose()
     return 0
 

@@ -1,5 +1,8 @@
 """Real servers for the suite: a moto S3 server over HTTP, PostgreSQL, and s3fast.
 
+Two more moto servers, each in a process of its own and enforcing IAM, stand in for two AWS
+accounts with different credentials (``moto_accounts``).
+
 PostgreSQL: MIGRATOR_TEST_PG_URL if set; else a testcontainers container where a Docker engine
 answers; else the local server at 127.0.0.1:5432 (user postgres). Each test session creates its
 own databases and drops them at the end. Without a server the Postgres tests skip, unless
@@ -12,15 +15,18 @@ rule with MIGRATOR_REQUIRE_S3FAST=1.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -139,6 +145,120 @@ def aws_like_moto(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> AwsLik
     monkeypatch.setattr(FakeKey, "etag", property(etag))
     monkeypatch.setattr(S3Response, "copy_object", guarded_copy)
     return state
+
+
+# -- two accounts: moto servers of their own, with IAM enforced ------------------------------
+
+ALLOW_ALL_S3 = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+
+
+@dataclass(frozen=True)
+class MotoAccount:
+    """A moto server in a process of its own (moto's state is per process) that enforces IAM:
+    it knows only the user ``name``'s ``access_key``/``secret_key`` (and the credentials of
+    roles assumed with them); ``role_arn``, when set, names a role with every S3 right."""
+
+    name: str
+    endpoint: str
+    access_key: str
+    secret_key: str
+    role_arn: str | None
+
+    def client(self, service: str = "s3", **credentials: str) -> Any:
+        keys = credentials or {
+            "aws_access_key_id": self.access_key,
+            "aws_secret_access_key": self.secret_key,
+        }
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            config=BotoConfig(s3={"addressing_style": "path"}, max_pool_connections=32),
+            **keys,
+        )
+
+    def role_s3(self) -> Any:
+        """An S3 client with the role's credentials (assumed with the user's)."""
+        assert self.role_arn is not None
+        creds = self.client("sts").assume_role(RoleArn=self.role_arn, RoleSessionName="test")
+        c = creds["Credentials"]
+        return self.client(
+            aws_access_key_id=c["AccessKeyId"],
+            aws_secret_access_key=c["SecretAccessKey"],
+            aws_session_token=c["SessionToken"],
+        )
+
+
+def _policy(*statements: dict[str, Any]) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+def start_moto_account(
+    name: str, *, with_role: bool
+) -> tuple[subprocess.Popen[bytes], MotoAccount]:
+    """A moto server process with one IAM user (and a role it may assume); IAM is enforced
+    once they exist. Without the role the user has every S3 right; with it, the user may only
+    assume the role, and only the role may use S3."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start") from None
+            time.sleep(0.1)
+    boot = {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", **boot)
+    iam.create_user(UserName=name)
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    role_arn = None
+    if with_role:
+        trust = {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}
+        role_arn = iam.create_role(
+            RoleName=f"{name}-writer", AssumeRolePolicyDocument=_policy(trust)
+        )["Role"]["Arn"]
+        iam.put_role_policy(
+            RoleName=f"{name}-writer", PolicyName="s3", PolicyDocument=_policy(ALLOW_ALL_S3)
+        )
+        user = {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": role_arn}
+    else:
+        user = ALLOW_ALL_S3
+    iam.put_user_policy(UserName=name, PolicyName="rights", PolicyDocument=_policy(user))
+    enforce = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth",
+        data=b"0",
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
+    urllib.request.urlopen(enforce, timeout=10).close()
+    account = MotoAccount(name, endpoint, key["AccessKeyId"], key["SecretAccessKey"], role_arn)
+    return proc, account
+
+
+@pytest.fixture(scope="session")
+def moto_accounts() -> Iterator[tuple[MotoAccount, MotoAccount]]:
+    """Two accounts on two servers: the source's user may use S3; the destination's user may
+    only assume a role, which may use S3. Each side's keys are unknown to the other server."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        src_proc, source = start_moto_account("source-user", with_role=False)
+        started.append(src_proc)
+        dst_proc, dest = start_moto_account("destination-user", with_role=True)
+        started.append(dst_proc)
+        yield source, dest
+    finally:
+        for proc in started:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ class Job:
     cfg: Config
     s3: Any
     objects: list[SeedObject] = field(default_factory=list)
+    dest_s3: Any = None  # the destination's client when it is another server or account
+
+    @property
+    def dst_s3(self) -> Any:
+        return self.s3 if self.dest_s3 is None else self.dest_s3
 
     @property
     def bodies(self) -> dict[str, bytes]:
@@ -148,7 +153,7 @@ def invariant_violations(job: Job) -> list[str]:
     """I1 and 'nothing lost', judged from S3 and the app DB only (never the ledger)."""
     src, dst = job.cfg.source, job.cfg.destination
     sources = list_keys(job.s3, src.bucket, src.prefix)
-    dests = list_etags(job.s3, dst.bucket, dst.prefix)
+    dests = list_etags(job.dst_s3, dst.bucket, dst.prefix)
     paths = app_paths(job) if job.cfg.app_db is not None else []
     holding = set(p for p in paths if p is not None)
     problems = []
@@ -168,11 +173,11 @@ def invariant_violations(job: Job) -> list[str]:
 def assert_converged(job: Job, *, sources_deleted: bool = True) -> None:
     src, dst = job.cfg.source, job.cfg.destination
     sources = list_keys(job.s3, src.bucket, src.prefix)
-    dests = list_keys(job.s3, dst.bucket, dst.prefix)
+    dests = list_keys(job.dst_s3, dst.bucket, dst.prefix)
     for obj in job.objects:
         dkey = job.dest_key(obj.key)
         assert dkey in dests, f"{dkey!r} missing at destination"
-        assert read(job.s3, dst.bucket, dkey) == obj.body, f"{dkey!r} has other bytes"
+        assert read(job.dst_s3, dst.bucket, dkey) == obj.body, f"{dkey!r} has other bytes"
     if sources_deleted:
         assert sources == set(), f"{len(sources)} sources left behind"
     else:

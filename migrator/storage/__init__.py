@@ -1,1 +1,3 @@
-"""S3 access. ``s3`` is the only module that calls boto3."""
+"""S3 access. ``s3`` builds the boto3 clients (one side's credentials each) and makes the S3
+calls; ``stream`` streams copies between two sides' clients; ``sides`` picks the services a
+process needs for a job."""

@@ -8,6 +8,7 @@ side rate limiting on 503 SlowDown); what reaches us has exhausted those retries
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,12 @@ import boto3
 import botocore.loaders
 import botocore.session
 from botocore.config import Config as BotoConfig
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    CredentialResolver,
+    DeferredRefreshableCredentials,
+)
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from migrator.config import Location
@@ -40,6 +47,10 @@ from migrator.storage.crt import CrtS3
 from migrator.storage.multipart import Part, multipart_etag, plan_parts
 
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1,000 keys
+_STS_REGION = "us-east-1"  # for AssumeRole when neither the side nor its profile names a region
+# Assumed-role credentials by base profile, then by AssumeRole's arguments (botocore's cache
+# key): the clients a process builds for one side share one AssumeRole until it expires.
+_ROLE_CACHE: dict[str, dict[str, Any]] = {}
 
 # One botocore data loader per process, shared by every client: it caches the S3 service model
 # and endpoint rules (a few MB of JSON). Warmed in the fork server, a worker's clients cost
@@ -101,8 +112,61 @@ class RetryCounter:
         return n
 
 
+class _RoleProvider(CredentialProvider):
+    """A credential chain of one link: the credentials of an assumed role."""
+
+    METHOD = "assume-role"
+
+    def __init__(self, credentials: Any) -> None:
+        super().__init__()
+        self.credentials = credentials
+
+    def load(self) -> Any:
+        return self.credentials
+
+
+def _session(location: Location) -> botocore.session.Session:
+    """The botocore session of one side: its profile's credentials (or the standard chain's),
+    or with ``role_arn`` the role's, assumed with those. The role's credentials are botocore's
+    own ``AssumeRoleCredentialFetcher`` in ``DeferredRefreshableCredentials``: assumed at the
+    first request and again before they expire (what botocore does for a profile's
+    ``role_arn``); the STS client takes its endpoint from the profile and the environment
+    (``AWS_ENDPOINT_URL_STS``, a ``services`` section) like any other."""
+    base = botocore.session.Session(profile=location.profile or None)
+    base.register_component("data_loader", _LOADER)
+    if location.profile and location.profile not in base.available_profiles:
+        raise PreflightError(
+            f"AWS profile {location.profile!r} is not in the AWS config or credentials files; "
+            "fix the profile name, or point AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE at "
+            "the files that define it"
+        )
+    if location.role_arn is None:
+        return base
+    source = base.get_credentials()
+    credentials = None
+    if source is not None:  # else the role's session has none either: "no credentials found"
+        extra = {"RoleSessionName": location.role_session_name or "migrator"}
+        if location.external_id is not None:
+            extra["ExternalId"] = location.external_id
+        region = location.region or base.get_config_variable("region") or _STS_REGION
+        fetcher = AssumeRoleCredentialFetcher(
+            functools.partial(base.create_client, region_name=region),
+            source,
+            location.role_arn,
+            extra_args=extra,
+            cache=_ROLE_CACHE.setdefault(location.profile or "", {}),
+        )
+        credentials = DeferredRefreshableCredentials(fetcher.fetch_credentials, "assume-role")
+    role = botocore.session.Session(profile=location.profile or None)
+    role.register_component("data_loader", _LOADER)
+    role.register_component("credential_provider", CredentialResolver([_RoleProvider(credentials)]))
+    return role
+
+
 class ClientFactory:
-    """Builds boto3 S3 clients for one side of the move (one client per process)."""
+    """Builds boto3 S3 clients for one side of the move (one client per process), with that
+    side's credentials (``profile``, ``role_arn``). ``streamed_writes``: for a destination
+    whose PUTs stream a source's GET (``copy_mode: stream``)."""
 
     def __init__(
         self,
@@ -112,27 +176,36 @@ class ClientFactory:
         max_attempts: int = 10,
         connect_timeout: float = 10,
         request_checksums: str = "when_supported",
+        streamed_writes: bool = False,
     ) -> None:
         self.location = location
         self.request_checksums = request_checksums
         self.max_pool = max_pool
         self.max_attempts = max_attempts
         self.connect_timeout = connect_timeout
-        self.core = botocore.session.Session(profile=location.profile or None)
-        self.core.register_component("data_loader", _LOADER)
+        self.streamed_writes = streamed_writes
+        self.core = _session(location)
         self.session = boto3.session.Session(botocore_session=self.core)
 
     def client(self, retries: RetryCounter | None = None) -> Any:
         loc = self.location
         session = self.session
+        s3_config: dict[str, Any] = {"addressing_style": "path"} if loc.endpoint_url else {}
+        checksums = self.request_checksums
+        if self.streamed_writes:
+            # A PUT's body is the source's GET, read once as it goes out: botocore must not
+            # read it beforehand to sign its SHA-256 or to put a checksum in a header (over
+            # HTTP it would do both). migrator checks the ETag against its own MD5 instead.
+            s3_config["payload_signing_enabled"] = False
+            checksums = "when_required"
         config = BotoConfig(
             retries={"mode": "adaptive", "max_attempts": self.max_attempts},
             max_pool_connections=self.max_pool,
             connect_timeout=self.connect_timeout,
             read_timeout=120,
             tcp_keepalive=True,
-            s3={"addressing_style": "path"} if loc.endpoint_url else None,
-            request_checksum_calculation=self.request_checksums,
+            s3=s3_config or None,
+            request_checksum_calculation=checksums,
         )
         client = session.client(
             "s3", endpoint_url=loc.endpoint_url, region_name=loc.region, config=config
@@ -512,15 +585,68 @@ class S3Service:
         error, or None when ``stop`` was set before every part was sent (or
         ``before_complete``, told the ETag the object will have, answered False).
 
-        Incomplete uploads to ``dst_key`` (left by a killed worker) are aborted first; every
-        ``UploadPartCopy`` carries ``CopySourceIfMatch`` (a changed source fails with 412, as a
-        single copy does). With ``if_absent`` a destination that exists is refused (412)
-        before any part is copied, and ``CompleteMultipartUpload`` carries
-        ``If-None-Match: *`` for one created meanwhile. Any failure aborts this upload, so no
-        parts are left behind. Parts go out in parallel, at most ``threads`` at a time,
-        through boto3 (these calls are few and big; botocore retries each one). The object
-        gets the source's headers, tags and storage class, or what ``attrs`` sets instead, as
-        a single copy does.
+        Every ``UploadPartCopy`` carries ``CopySourceIfMatch`` (a changed source fails with
+        412, as a single copy does); the rest is :meth:`upload_in_parts`. Parts go out through
+        boto3 (these calls are few and big; botocore retries each one). The object gets the
+        source's headers, tags and storage class, or what ``attrs`` sets instead, as a single
+        copy does.
+        """
+        source = {"Bucket": src_bucket, "Key": src_key}
+
+        def copy_part(upload_id: str, part: Part) -> str:
+            resp = self.boto.upload_part_copy(
+                Bucket=dst_bucket,
+                Key=dst_key,
+                UploadId=upload_id,
+                PartNumber=part.number,
+                CopySource=source,
+                CopySourceIfMatch=f'"{if_match}"',
+                CopySourceRange=part.range,
+            )
+            return strip_etag(resp["CopyPartResult"]["ETag"])
+
+        return self.upload_in_parts(
+            dst_bucket,
+            dst_key,
+            plan_parts(size, part_size),
+            size,
+            headers=lambda: _carried_headers(
+                self.boto, src_bucket, src_key, if_match, tags=not attrs.replace_tags
+            ),
+            send_part=copy_part,
+            if_absent=if_absent,
+            stop=stop,
+            before_complete=before_complete,
+            attrs=attrs,
+        )
+
+    def upload_in_parts(
+        self,
+        dst_bucket: str,
+        dst_key: str,
+        parts: list[Part],
+        size: int,
+        *,
+        headers: Callable[[], dict[str, Any]],
+        send_part: Callable[[str, Part], str],
+        if_absent: bool,
+        stop: Any = None,
+        before_complete: Callable[[str], bool] | None = None,
+        attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
+    ) -> MultipartCopy | S3OperationError | None:
+        """A multipart upload to ``dst_key`` in this service, whose parts ``send_part`` makes
+        (``UploadPartCopy``, or a streamed ``UploadPart``): the completed upload, the error, or
+        None when ``stop`` was set before every part was sent (or ``before_complete``, told
+        the ETag the object will have, answered False).
+
+        Incomplete uploads to ``dst_key`` (left by a killed worker) are aborted first; then
+        ``headers()`` gives the source's headers and tags (it reads the planned source version,
+        so a changed source fails there, before any part), to which ``attrs`` applies the
+        job's attributes for ``CreateMultipartUpload``. With ``if_absent`` a
+        destination that exists is refused (412) before any part is sent, and
+        ``CompleteMultipartUpload`` carries ``If-None-Match: *`` for one created meanwhile.
+        Any failure aborts this upload, so no parts are left behind. Parts go out in
+        parallel, at most ``threads`` at a time.
         """
         if stop is not None and stop.is_set():
             return None
@@ -533,15 +659,11 @@ class S3Service:
                     "the destination key already holds an object",
                 )
             abort_incomplete(self.boto, dst_bucket, dst_key)
-            carried = _carried_headers(
-                self.boto, src_bucket, src_key, if_match, tags=not attrs.replace_tags
-            )
+            carried = headers()
             upload_id = self.boto.create_multipart_upload(
                 Bucket=dst_bucket, Key=dst_key, **attrs.upload_args(carried)
             )["UploadId"]
-            source = {"Bucket": src_bucket, "Key": src_key}
-            parts = plan_parts(size, part_size)
-            etags = self._copy_parts(dst_bucket, dst_key, upload_id, source, if_match, parts, stop)
+            etags = self._send_parts(upload_id, parts, send_part, stop)
             expected = multipart_etag(etags) if etags is not None else ""
             if etags is None or (before_complete is not None and not before_complete(expected)):
                 _abort(self.boto, dst_bucket, dst_key, upload_id)
@@ -573,38 +695,26 @@ class S3Service:
             strip_etag(resp["ETag"]), expected, len(parts), resp.get("ServerSideEncryption")
         )
 
-    def _copy_parts(
+    def _send_parts(
         self,
-        dst_bucket: str,
-        dst_key: str,
         upload_id: str,
-        source: dict[str, str],
-        if_match: str,
         parts: list[Part],
+        send_part: Callable[[str, Part], str],
         stop: Any,
     ) -> list[str] | None:
-        """``UploadPartCopy`` for every part, in parallel; the part ETags in order, or None
-        when a stop request left parts unsent. The first failure stops further sends and is
-        raised (a changed source first: that decides what happens to the row)."""
+        """``send_part`` for every part, in parallel; the part ETags in order, or None when a
+        stop request left parts unsent. The first failure stops further sends and is raised (a
+        changed source first: that decides what happens to the row)."""
         failed = threading.Event()
 
         def one(part: Part) -> str | S3OperationError | None:
             if failed.is_set() or (stop is not None and stop.is_set()):
                 return None
             try:
-                resp = self.boto.upload_part_copy(
-                    Bucket=dst_bucket,
-                    Key=dst_key,
-                    UploadId=upload_id,
-                    PartNumber=part.number,
-                    CopySource=source,
-                    CopySourceIfMatch=f'"{if_match}"',
-                    CopySourceRange=part.range,
-                )
-            except (ClientError, BotoCoreError) as exc:
+                return send_part(upload_id, part)
+            except (ClientError, BotoCoreError, S3OperationError) as exc:
                 failed.set()
-                return classify(exc)
-            return strip_etag(resp["CopyPartResult"]["ETag"])
+                return exc if isinstance(exc, S3OperationError) else classify(exc)
 
         if self._part_pool is None:
             self._part_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="s3-part")

@@ -110,7 +110,8 @@ def _source_inside_dest(data: dict[str, Any], _dir: Path) -> None:
     data["destination"]["prefix"] = ""
 
 
-def _other_destination_endpoint(data: dict[str, Any], _dir: Path) -> None:
+def _server_copy_to_other_endpoint(data: dict[str, Any], _dir: Path) -> None:
+    data["copy_mode"] = "server"
     data["destination"]["endpoint_url"] = data["destination"]["endpoint_url"].replace(
         "127.0.0.1", "localhost"
     )
@@ -159,6 +160,22 @@ CONFIG_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         ("app_db", "not both"),
     ),
     ("destination-inside-source", _dest_inside_source, ("overlaps source prefix",)),
+    (
+        "server-copy-across-endpoints",
+        _server_copy_to_other_endpoint,
+        ("copy_mode: server needs source and destination on the same endpoint_url",),
+    ),
+    (
+        "role-arn-malformed",
+        _set("destination", role_arn="arn:aws:iam::12345:role/x"),
+        ("destination.role_arn", "is not an IAM role ARN"),
+    ),
+    (
+        "external-id-without-role",
+        _set("source", external_id="abc-123"),
+        ("source", "external_id is used only with role_arn"),
+    ),
+    ("copy-mode-unknown", _set(None, copy_mode="fast"), ("copy_mode", "'auto', 'server'")),
     ("source-inside-destination", _source_inside_dest, ("overlaps source prefix",)),
     (
         "keys-bad-regex",
@@ -203,7 +220,6 @@ PREFLIGHT_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
         ("destination:", "does not exist"),
     ),
     ("unreachable-endpoint", _closed_endpoint, ("cannot reach S3 endpoint",)),
-    ("destination-endpoint-differs", _other_destination_endpoint, ("different endpoints",)),
     ("missing-app-table", _set("app_db", table="no_such_table"), ("'no_such_table'", "not exist")),
     (
         "missing-app-column",

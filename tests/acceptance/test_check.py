@@ -58,10 +58,12 @@ def test_a_good_job_passes_and_the_probes_leave_nothing_behind(
         "destination: versioning": "ok",
         "destination: list": "ok",
         "destination: write": "ok",
+        "copy": "ok",
         "app database": "ok",
         "app index": "ok",  # the seeder indexes the path column
         "ledger": "ok",
     }
+    assert items["copy"]["detail"].startswith("server-side (CopyObject)")
     assert "testing-secret-key" not in proc.stdout + proc.stderr
     # Nothing written: no probe left in either bucket, no ledger file, app rows as seeded.
     assert list_keys(moto_s3, job.cfg.source.bucket) == sources

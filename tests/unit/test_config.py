@@ -16,6 +16,7 @@ from migrator.errors import ConfigError, redact
 from migrator.storage.attributes import DEFAULT_ATTRIBUTES
 
 PASSWORD = "s3cretpw"
+ROLE = "arn:aws:iam::123456789012:role/migrator"
 PG_WITH_PASSWORD = f"postgresql+psycopg2://u:{PASSWORD}@db.example.com/app"
 
 
@@ -344,6 +345,52 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "'after_all', 'per_chunk' or 'never'",
     ),
     ("job-name", lambda d: d.update(job="my job!"), "job", "letters, digits"),
+    (
+        "role-arn-not-a-role",
+        lambda d: d["source"].update(role_arn="arn:aws:iam::123456789012:user/migrator"),
+        "source.role_arn",
+        "is not an IAM role ARN, e.g. arn:aws:iam::123456789012:role/migrator",
+    ),
+    (
+        "role-arn-trailing-newline",
+        lambda d: d["source"].update(role_arn=ROLE + "\n"),
+        "source.role_arn",
+        "is not an IAM role ARN",
+    ),
+    (
+        "role-arn-short-account",
+        lambda d: d["destination"].update(role_arn="arn:aws:iam::1234:role/migrator"),
+        "destination.role_arn",
+        "is not an IAM role ARN",
+    ),
+    (
+        "external-id-spaces",
+        lambda d: d["source"].update(role_arn=ROLE, external_id="has spaces"),
+        "source.external_id",
+        "must be 2-1224 letters, digits or characters",
+    ),
+    (
+        "session-name-too-long",
+        lambda d: d["source"].update(role_arn=ROLE, role_session_name="s" * 65),
+        "source.role_session_name",
+        "must be 2-64 letters",
+    ),
+    (
+        "external-id-without-role",
+        lambda d: d["destination"].update(external_id="abc"),
+        "destination",
+        "external_id is used only with role_arn; add role_arn or remove it",
+    ),
+    ("copy-mode-unknown", lambda d: d.update(copy_mode="fast"), "copy_mode", "'auto', 'server'"),
+    (
+        "copy-mode-server-across-endpoints",
+        lambda d: (
+            d.update(copy_mode="server")
+            or d["destination"].update(endpoint_url="http://127.0.0.1:5001")
+        ),
+        "copy_mode",
+        "server needs source and destination on the same endpoint_url",
+    ),
     ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
     ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
     # object attributes
@@ -866,3 +913,76 @@ def test_replace_with_empty_values_is_allowed(tmp_path: Path) -> None:
     attrs = load_config(write(tmp_path, data), env={}).attributes
     assert attrs.replace_metadata and attrs.content == () and attrs.user == ()
     assert attrs.replace_tags and attrs.tags == ()
+
+
+# -- copy mode and credentials per side ------------------------------------------------------
+
+
+def _sides(**changes: dict[str, Any]) -> dict[str, Any]:
+    data = base()
+    for side, values in changes.items():
+        data[side].update(values)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("copy_mode", "source", "destination", "streams"),
+    [
+        ("auto", {}, {}, False),  # one endpoint, one principal: server-side, as before
+        ("auto", {}, {"region": "eu-west-1"}, False),  # a cross-region CopyObject
+        ("auto", {}, {"endpoint_url": "http://127.0.0.1:5001"}, True),
+        ("auto", {"profile": "a"}, {"profile": "b"}, True),
+        ("auto", {"profile": "a"}, {"profile": "a", "role_arn": ROLE}, True),
+        ("auto", {"profile": "a", "role_arn": ROLE}, {"profile": "a", "role_arn": ROLE}, False),
+        ("server", {"profile": "a"}, {"profile": "b"}, False),  # cross-account bucket policy
+        ("stream", {}, {}, True),
+    ],
+)
+def test_copy_mode_decides_how_objects_are_copied(
+    tmp_path: Path,
+    copy_mode: str,
+    source: dict[str, Any],
+    destination: dict[str, Any],
+    streams: bool,
+) -> None:
+    data = _sides(source=source, destination=destination)
+    data["copy_mode"] = copy_mode
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.streams is streams
+
+
+def test_role_options_are_kept_per_side(tmp_path: Path) -> None:
+    data = _sides(
+        source={"profile": "legacy-account"},
+        destination={
+            "profile": "ops",
+            "role_arn": "arn:aws-cn:iam::210987654321:role/path/to/migrator-writer",
+            "external_id": "ext:id/1",
+            "role_session_name": "migrator@avatars",
+        },
+    )
+    cfg = load_config(write(tmp_path, data), env={})
+    assert cfg.copy_mode == "auto"
+    assert (cfg.source.profile, cfg.source.role_arn) == ("legacy-account", None)
+    dst = cfg.destination
+    assert dst.profile == "ops"
+    assert dst.role_arn == "arn:aws-cn:iam::210987654321:role/path/to/migrator-writer"
+    assert (dst.external_id, dst.role_session_name) == ("ext:id/1", "migrator@avatars")
+
+
+def test_sse_kms_with_streamed_copies_is_refused_in_one_line(tmp_path: Path) -> None:
+    def stream_kms(d: dict[str, Any]) -> None:
+        d.update(sse="aws:kms", copy_mode="stream")
+
+    lines = problems(write(tmp_path, mutated(stream_kms)))
+    assert len(lines) == 1 and "sse: aws:kms cannot be verified on streamed copies" in lines[0]
+
+    def other_profile(d: dict[str, Any]) -> None:  # auto streams with other credentials
+        d.update(sse="aws:kms")
+        d["destination"]["profile"] = "other"
+
+    lines = problems(write(tmp_path, mutated(other_profile)))
+    assert "copy_mode auto streams here" in lines[0]
+    server = mutated(lambda d: d.update(sse="aws:kms", copy_mode="server"))
+    server["destination"]["profile"] = "other"
+    assert load_config(write(tmp_path, server), env={}).sse == "aws:kms"
