@@ -41,6 +41,7 @@ MAX_CONFIG_BYTES = 1_000_000
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KEY_FIELD = "{key}"
 MAX_TEMPLATE_CHARS = 1000
+STREAM_PART_SIZE = 16 * MIB  # streamed copies' part size when part_size is not set
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 # IAM's own patterns: a role ARN (any partition, paths allowed), AssumeRole's ExternalId and
@@ -641,6 +642,15 @@ class Config(_Strict):
         """Both buckets on one S3 service (AWS, or the same ``endpoint_url``): a server-side
         copy can reach the source from the destination."""
         return self.source.endpoint_url == self.destination.endpoint_url
+
+    @property
+    def transfer_part_size(self) -> int:
+        """The part size of copies in parts: ``part_size``, or — for streamed copies when
+        ``part_size`` is not set — ``STREAM_PART_SIZE``: a worker holds every part it streams
+        in memory, about ``concurrency × part size`` (32 × 64 MiB would be 2 GiB each)."""
+        if self.streams and "part_size" not in self.model_fields_set:
+            return STREAM_PART_SIZE
+        return self.part_size
 
     @property
     def streams(self) -> bool:

@@ -136,7 +136,7 @@ def _copy_large(
         row.dest_key,
         row.etag,
         row.size,
-        ctx.cfg.part_size,
+        ctx.cfg.transfer_part_size,
         if_absent=if_absent,
         stop=stop,
         before_complete=lambda etag: ctx.ledger.record_dest_etag(ctx.owner, row.id, etag),

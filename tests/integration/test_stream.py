@@ -228,6 +228,40 @@ def test_stream_between_two_servers(tmp_path: Path, s3fast: Callable[..., S3Fast
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
 
+def test_the_jobs_object_attributes_reach_streamed_copies(
+    tmp_path: Path, s3fast: Callable[..., S3Fast]
+) -> None:
+    """``metadata``/``tags: replace``, ``storage_class``, ``sse: AES256`` and ``acl`` apply to
+    a streamed ``PutObject`` and to ``CreateMultipartUpload`` as to server-side copies; under
+    ``tags: replace`` the source's tags are not read (no ``GetObjectTagging``)."""
+    pair, job = stream_job(
+        tmp_path,
+        s3fast,
+        metadata="replace",
+        metadata_values={"content_type": "image/webp", "user": {"moved-by": "migrator"}},
+        tags="replace",
+        tag_values={"project": "avatars"},
+        storage_class="STANDARD_IA",
+        sse="AES256",
+        acl="bucket-owner-full-control",
+    )
+    pair.reset_stats()
+    assert run_job(job.cfg, console=quiet()) == 0
+    assert "GetObjectTagging" not in pair.src.stats()["ops"]
+    dst = job.cfg.destination.bucket
+    for obj in job.objects:
+        key = job.dest_key(obj.key)
+        head = job.dest_s3.head_object(Bucket=dst, Key=key)
+        assert head["ContentType"] == "image/webp", key
+        assert head["Metadata"] == {"moved-by": "migrator"}, key  # the source's are gone
+        assert head.get("CacheControl") is None, key  # replace: not given, not set
+        assert head["StorageClass"] == "STANDARD_IA", key
+        assert head["ServerSideEncryption"] == "AES256", key
+        tags = job.dest_s3.get_object_tagging(Bucket=dst, Key=key)["TagSet"]
+        assert tags == [{"Key": "project", "Value": "avatars"}], key
+    assert_converged(job)
+
+
 def test_default_on_one_server_copies_server_side_and_stream_mode_streams(
     tmp_path: Path, s3fast: Callable[..., S3Fast]
 ) -> None:

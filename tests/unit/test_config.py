@@ -986,3 +986,21 @@ def test_sse_kms_with_streamed_copies_is_refused_in_one_line(tmp_path: Path) -> 
     server = mutated(lambda d: d.update(sse="aws:kms", copy_mode="server"))
     server["destination"]["profile"] = "other"
     assert load_config(write(tmp_path, server), env={}).sse == "aws:kms"
+
+
+def test_streamed_copies_use_smaller_parts_unless_part_size_is_set(tmp_path: Path) -> None:
+    """Each part a worker streams is held in memory: 16 MiB parts by default, not 64."""
+    server_side = load_config(write(tmp_path, base()), env={})
+    assert not server_side.streams and server_side.transfer_part_size == 64 * 2**20
+
+    def streamed(d: dict[str, Any]) -> None:
+        d.update(copy_mode="stream")
+
+    stream = load_config(write(tmp_path, mutated(streamed)), env={})
+    assert stream.transfer_part_size == 16 * 2**20
+
+    def streamed_with_parts(d: dict[str, Any]) -> None:
+        d.update(copy_mode="stream", part_size=8 * 2**20)
+
+    chosen = load_config(write(tmp_path, mutated(streamed_with_parts)), env={})
+    assert chosen.transfer_part_size == 8 * 2**20
