@@ -84,10 +84,10 @@ def config_option(fn: F) -> F:
     )(fn)
 
 
-def _load(config_path: Path) -> Config:
+def _load(config_path: Path, *, relocate: bool = False) -> Config:
     from migrator.config import load_config
 
-    return load_config(config_path)
+    return load_config(config_path, relocate=relocate)
 
 
 def _ledger_for_reading(cfg: Config) -> Ledger:
@@ -650,6 +650,146 @@ def verify(config_path: Path, as_json: bool) -> None:
             for kind, n in sorted(result.kinds.items()):
                 click.echo(f"  {kind}: {n:,} (e.g. {', '.join(result.examples[kind][:3])})")
     sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--to-region",
+    metavar="REGION",
+    default=None,
+    help="The region to move the bucket to (destination.region, if set, must agree).",
+)
+@click.option(
+    "--confirm-delete-source-bucket",
+    "confirmed",
+    is_flag=True,
+    help="Required: the bucket is deleted (after its verified copy) and created again.",
+)
+@click.option(
+    "--temp-bucket",
+    metavar="NAME",
+    default=None,
+    help="Name of the temporary bucket in the target region.  [default: "
+    "<bucket>-relocate-<random>]",
+)
+@click.option(
+    "--discard-noncurrent-versions",
+    "discard",
+    is_flag=True,
+    help="A versioned bucket: delete its noncurrent versions with it (only the current "
+    "version of each object is moved).",
+)
+@click.option(
+    "--recreate-timeout",
+    type=click.IntRange(1),
+    default=1800,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for S3 to free the bucket's name before giving up (run again to "
+    "keep trying).",
+)
+@click.option("--quiet", is_flag=True, help="No progress display, only the phase lines.")
+@click.option(
+    "--status", "show_status", is_flag=True, help="Show the phase and progress; move nothing."
+)
+@click.option("--json", "as_json", is_flag=True, help="With --status: one JSON object on stdout.")
+@handle_errors
+def relocate(
+    config_path: Path,
+    to_region: str | None,
+    confirmed: bool,
+    temp_bucket: str | None,
+    discard: bool,
+    recreate_timeout: int,
+    quiet: bool,
+    show_status: bool,
+    as_json: bool,
+) -> None:
+    """Keep a bucket's name while moving it to another region.
+
+    The bucket (source.bucket; source.prefix must be empty) is copied to a temporary bucket
+    in the target region and verified; then it is deleted, created again under its name in
+    the target region, given its configuration back (versioning, tags, policy, CORS,
+    lifecycle, default encryption, public access block, ownership controls, website), filled
+    from the temporary bucket and verified, and the temporary bucket is deleted. The config's
+    destination describes the bucket after the move: the same bucket, no prefix, and the
+    target region if it names one; its credentials serve the target region. No app database
+    is rewritten (keys do not change). Every phase is recorded in the ledger: killed, the same
+    command continues where it stopped.
+
+    While the name is free, another account can take it, and S3 may take a while to free
+    it: stop every writer of the bucket first, and read docs/operations.md (the risk and the
+    rollback) before running this.
+
+    \b
+    Examples:
+      migrator relocate --config legacy.yaml --to-region eu-central-1 \\
+        --confirm-delete-source-bucket
+      migrator relocate --config legacy.yaml --to-region eu-central-1 \\
+        --confirm-delete-source-bucket --temp-bucket legacy-moving
+      migrator relocate --config legacy.yaml --status
+      migrator relocate --config legacy.yaml --status --json | jq .phase
+    """
+    if as_json and not show_status:
+        _fail("--json goes with --status", EXIT_USAGE)
+    cfg = _load(config_path, relocate=True)
+    if show_status:
+        from migrator.relocate import relocation_status
+
+        doc = relocation_status(cfg)
+        if as_json:
+            click.echo(json.dumps(doc))
+        else:
+            _print_relocation(doc)
+        return
+    if to_region is None:
+        _fail(
+            "--to-region is required: the region to move the bucket to, e.g. eu-central-1",
+            EXIT_USAGE,
+        )
+    if not confirmed:
+        _fail(
+            f"relocate deletes the bucket {cfg.source.bucket!r} (after copying it) and creates "
+            "it again in the target region; pass --confirm-delete-source-bucket to go ahead "
+            "(first read the risk and the rollback in docs/operations.md)",
+            EXIT_USAGE,
+        )
+    from migrator.relocate import Options, check_options
+    from migrator.relocate import relocate as run_relocation
+
+    opts = Options(to_region, temp_bucket, discard, float(recreate_timeout), quiet)
+    check_options(cfg, opts)  # before any process starts
+    from migrator.spawn import start_fork_server
+
+    start_fork_server()  # the copies are ordinary runs with worker processes
+    sys.exit(run_relocation(cfg, opts, err_console))
+
+
+def _print_relocation(doc: dict[str, Any]) -> None:
+    p = functools.partial(out_console.print, highlight=False, markup=False, soft_wrap=True)
+    p(
+        f"relocation {doc['job']}: s3://{doc['bucket']} {doc['from_region']} -> "
+        f"{doc['to_region']}, temporary bucket {doc['temp_bucket']}"
+    )
+    if doc["phase"] == "done":
+        p(f"done: relocated {doc['updated_at']} UTC")
+    else:
+        p(f"phase {doc['step']} {doc['phase']}: {doc['doing']} (since {doc['updated_at']} UTC)")
+    for copy in doc["copies"].values():
+        counts = copy["counts"]
+        total = sum(counts.values())
+        if not total:
+            p(f"  {copy['job']}: not started")
+            continue
+        p(
+            f"  {copy['job']}: {counts['done']:,}/{total:,} copied and verified · "
+            f"{counts['failed']:,} failed"
+        )
+        for e in copy["recent_errors"][:3]:
+            p(f"    {e['at']}  {e['key']}  {e['error']}")
+    if doc["last_error"]:
+        p(f"last stop: {doc['last_error']}")
 
 
 @main.command("export-manifest")

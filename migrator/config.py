@@ -612,11 +612,19 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _no_overlap(self) -> Config:
+    def _no_overlap(self, info: ValidationInfo) -> Config:
+        if info.context and info.context.get("relocate"):
+            return self  # one bucket on both sides, by design (``migrator relocate``)
         same_place = (
             self.source.bucket == self.destination.bucket
             and self.source.endpoint_url == self.destination.endpoint_url
         )
+        if same_place and not self.source.prefix and not self.destination.prefix:
+            raise ValueError(
+                f"source and destination are both the whole bucket {self.source.bucket!r}: "
+                "nothing to move (a config of `migrator relocate`, which keeps a bucket's name "
+                "while moving it to another region, is read only by that command)"
+            )
         if same_place and prefixes_overlap(self.source.prefix, self.destination.prefix):
             raise ValueError(
                 f"destination prefix {self.destination.prefix!r} overlaps source prefix "
@@ -811,8 +819,12 @@ def format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
-    """Read, override from the environment and validate; raise ConfigError with clear lines."""
+def load_config(
+    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, relocate: bool = False
+) -> Config:
+    """Read, override from the environment and validate; raise ConfigError with clear lines.
+    ``relocate``: the config of ``migrator relocate``, whose source and destination name the
+    same bucket (before and after the move), which any other command refuses."""
     env = dict(os.environ) if env is None else env
     p = Path(path)
     if p.is_dir():
@@ -862,7 +874,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     if isinstance(raw.get("app_db"), dict) and isinstance(raw["app_db"].get("url"), str):
         raw["app_db"]["url"] = _anchor_sqlite(raw["app_db"]["url"], p.parent)
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw, context={"relocate": relocate})
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, str(p))) from None
 

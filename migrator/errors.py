@@ -5,6 +5,7 @@
     ├── PreflightError       a bucket, endpoint, table or column is unusable  → exit 2
     │   └── UnreachableError the app database cannot be reached (a worker waits) → exit 2
     ├── LedgerError          the ledger database cannot be used               → exit 2
+    │   └── NoLedgerError    there is no ledger yet (nothing was planned)      → exit 2
     └── StorageError         S3 refused or failed an operation                → exit 1
 
 Workers never let these escape for a single object: per-object failures are recorded in the
@@ -37,6 +38,10 @@ class UnreachableError(PreflightError):
 
 class LedgerError(MigratorError):
     exit_code = 2
+
+
+class NoLedgerError(LedgerError):
+    """The ledger does not exist yet: a command that only reads it has nothing to read."""
 
 
 class StorageError(MigratorError):

@@ -22,11 +22,11 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
-from migrator.errors import ConfigError, LedgerError, db_reason
-from migrator.ledger.tables import Stage, State, jobs, objects, state_counts
+from migrator.errors import ConfigError, LedgerError, NoLedgerError, db_reason
+from migrator.ledger.tables import Phase, Stage, State, jobs, objects, relocations, state_counts
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-SCHEMA_HEAD = "0005"  # the newest Alembic revision (a test pins it to alembic/versions)
+SCHEMA_HEAD = "0006"  # the newest Alembic revision (a test pins it to alembic/versions)
 VERSION_TABLE = "migrator_alembic_version"
 _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
 _PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
@@ -213,7 +213,7 @@ def open_ledger(url: str, *, upgrade: bool = True) -> Engine:
 def open_existing_ledger(url: str) -> Engine:
     """Open a ledger that must already exist (read-only commands create nothing)."""
     parsed = make_url(url)
-    missing = LedgerError(
+    missing = NoLedgerError(
         f"no ledger in {safe_url(url)}; run `migrator plan` or `migrator run` first"
     )
     if (
@@ -234,6 +234,17 @@ def lease_owner_id(worker: int, pid: int | None = None) -> str:
     """``host:pid:worker`` of a worker process: lets a run on the same host see that the
     owner of a lease is dead and free its rows at once instead of waiting for expiry."""
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}:{worker}"
+
+
+def _dead_local(owner: str) -> bool:
+    """Whether a lease owner (``host:pid:…``) is a process of this host that has ended."""
+    parts = owner.split(":")
+    return (
+        len(parts) >= 3
+        and ":".join(parts[:-2]) == socket.gethostname()
+        and parts[-2].isdigit()
+        and not _pid_alive(int(parts[-2]))
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -991,6 +1002,144 @@ class Ledger:
                 return
             yield rows
             last = rows[-1]["id"]
+
+
+@dataclass(frozen=True)
+class Relocation:
+    """One ``migrator relocate``: the bucket, where it goes, and the phase reached."""
+
+    job: str
+    bucket: str
+    from_region: str
+    to_region: str
+    temp_bucket: str
+    phase: Phase
+    bucket_config: str | None  # JSON, as read before the bucket was deleted
+    last_error: str | None
+    updated_at: datetime
+
+
+R = relocations.c
+
+
+class Relocations:
+    """The relocation rows. Every change of phase is conditioned on the caller holding the
+    relocation's lease and on the phase it expects, so two runs cannot both move it on."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def get(self, job: str) -> Relocation | None:
+        with self.engine.connect().execution_options(migrator_readonly=True) as conn:
+            r = conn.execute(sa.select(relocations).where(R.job == job)).first()
+        if r is None:
+            return None
+        return Relocation(
+            r.job,
+            r.bucket,
+            r.from_region,
+            r.to_region,
+            r.temp_bucket,
+            Phase(r.phase),
+            r.bucket_config,
+            r.last_error,
+            r.updated_at,
+        )
+
+    def start(
+        self, job: str, bucket: str, from_region: str, to_region: str, temp_bucket: str
+    ) -> None:
+        """Record a new relocation at its first phase (nothing done yet); a row already there
+        (another run started it a moment ago) is kept."""
+        now = utcnow()
+        with contextlib.suppress(IntegrityError), self.engine.begin() as conn:
+            conn.execute(
+                relocations.insert().values(
+                    job=job,
+                    bucket=bucket,
+                    from_region=from_region,
+                    to_region=to_region,
+                    temp_bucket=temp_bucket,
+                    phase=Phase.CREATE_TEMP.value,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+    def take_lease(self, job: str, owner: str, lease_seconds: int) -> str | None:
+        """Hold the relocation for ``owner``: None when it now does, else the owner of a
+        live lease (another run, on this host or another). A lease of a process of this
+        host that has ended is taken at once, others when they expire."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                sa.select(R.lease_owner, R.lease_expires).where(R.job == job).with_for_update()
+            ).first()
+            if held is None:
+                raise LedgerError(f"relocation {job!r} is not in the ledger")
+            other, expires = held
+            if (
+                other is not None
+                and other != owner
+                and expires is not None
+                and expires > now
+                and not _dead_local(other)
+            ):
+                return str(other)
+            conn.execute(
+                relocations.update()
+                .where(R.job == job)
+                .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease_seconds))
+            )
+        return None
+
+    def renew_lease(self, job: str, owner: str, lease_seconds: int) -> bool:
+        with self.engine.begin() as conn:
+            return (
+                conn.execute(
+                    relocations.update()
+                    .where(R.job == job, R.lease_owner == owner)
+                    .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
+                ).rowcount
+                == 1
+            )
+
+    def release_lease(self, job: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                relocations.update()
+                .where(R.job == job, R.lease_owner == owner)
+                .values(lease_owner=None, lease_expires=None)
+            )
+
+    def advance(self, job: str, owner: str, done: Phase, then: Phase, **values: Any) -> None:
+        """Record that phase ``done`` is complete and ``then`` is next (with ``values``, e.g.
+        the bucket's configuration), in one statement; clears the last error."""
+        with self.engine.begin() as conn:
+            n = conn.execute(
+                relocations.update()
+                .where(R.job == job, R.phase == done.value, R.lease_owner == owner)
+                .values(phase=then.value, last_error=None, updated_at=utcnow(), **values)
+            ).rowcount
+        if n != 1:
+            raise LedgerError(
+                f"relocation {job!r} is no longer at phase {done.value} or no longer held by "
+                "this run (another `migrator relocate` took it over?); run `migrator relocate "
+                "--status` and the same command again"
+            )
+
+    def set_temp_bucket(self, job: str, owner: str, name: str) -> None:
+        """Name another temporary bucket; only before one was created."""
+        self.advance(job, owner, Phase.CREATE_TEMP, Phase.CREATE_TEMP, temp_bucket=name)
+
+    def record_error(self, job: str, owner: str, message: str) -> None:
+        """Why the last run stopped, for ``--status``."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                relocations.update()
+                .where(R.job == job, R.lease_owner == owner)
+                .values(last_error=message, updated_at=utcnow())
+            )
 
 
 def jobs_overview(engine: Engine) -> list[dict[str, Any]]:

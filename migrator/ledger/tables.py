@@ -22,6 +22,22 @@ class State(enum.StrEnum):
     SKIPPED = "skipped"  # on_conflict: skip — left alone on purpose; last_error says why
 
 
+class Phase(enum.StrEnum):
+    """Where a ``migrator relocate`` is: the step it does next (or is doing). The values are
+    what the ledger stores; the order is the order of the steps."""
+
+    CREATE_TEMP = "create_temp"  # create the temporary bucket in the target region
+    COPY_OUT = "copy_out"  # copy the bucket into it (job <job>.to-temp) and verify
+    CHECK_SOURCE = "check_source"  # save the bucket's configuration; nothing new since the copy
+    EMPTY_SOURCE = "empty_source"  # delete every version, then the bucket
+    RECREATE = "recreate"  # create the bucket again, in the target region
+    CONFIGURE = "configure"  # re-apply its configuration (all but lifecycle and policy)
+    COPY_BACK = "copy_back"  # copy the objects back (job <job>.from-temp) and verify
+    FINISH_CONFIG = "finish_config"  # re-apply the lifecycle rules and the bucket policy
+    DELETE_TEMP = "delete_temp"  # empty and delete the temporary bucket
+    DONE = "done"
+
+
 class Stage(enum.StrEnum):
     COPY = "copy"
     REWRITE = "rewrite"
@@ -99,4 +115,25 @@ state_counts = sa.Table(
     sa.Column("writer", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("objects", sa.BigInteger, nullable=False),
     sa.Column("bytes", sa.BigInteger, nullable=False),
+)
+
+# One row per ``migrator relocate`` (named by the config's job): the bucket, the regions, the
+# temporary bucket and the phase reached, each phase recorded after its side effect (revision
+# 0006). ``bucket_config`` is the bucket's configuration as read before it was deleted (JSON),
+# so a resumed run re-applies exactly that. The lease keeps two runs of one relocation apart.
+relocations = sa.Table(
+    "migrator_relocations",
+    metadata,
+    sa.Column("job", sa.String(100), primary_key=True),
+    sa.Column("bucket", sa.String(63), nullable=False),
+    sa.Column("from_region", sa.String(32), nullable=False),
+    sa.Column("to_region", sa.String(32), nullable=False),
+    sa.Column("temp_bucket", sa.String(63), nullable=False),
+    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("bucket_config", sa.Text, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(200), nullable=True),
+    sa.Column("lease_expires", sa.DateTime, nullable=True),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
 )
