@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, AwsLikeMoto
 from tests.helpers import assert_converged, invariant_violations, list_keys, make_job
 
 MIN_KILLS = 3
@@ -47,6 +47,7 @@ def test_sigkill_at_random_moments_loses_nothing(
     tmp_path: Path,
     moto_s3: Any,
     moto_endpoint: str,
+    aws_like_moto: AwsLikeMoto,
     request: pytest.FixtureRequest,
     db: str,
     policy: str,
@@ -68,8 +69,12 @@ def test_sigkill_at_random_moments_loses_nothing(
         delete_source=policy,
         chunk_size=8,
         workers=2,
-        concurrency=1,  # slow enough that several kills land before the job is done
+        concurrency=1,
     )
+    # Every copy takes at least 10 ms (S3 carries it out even when the client is gone): a run
+    # copies for several seconds whatever the machine's load, so several kills land before
+    # the job is done.
+    aws_like_moto.copy_delay = 0.01
     rng = random.Random(seed)
     kills = 0
     remaining_after_kill: list[int] = []
