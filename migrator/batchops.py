@@ -63,6 +63,7 @@ def export_manifest(cfg: Config, ledger: Ledger, out: Path) -> Manifest:
     copies whatever version is current, without a precondition, and a copy of a multipart
     object gets an ETag of its own, so ``import-report`` could not tell the planned bytes
     from others of the same size. ``migrator run`` copies them, guarded (I4)."""
+    current_versions_only(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     rows = multipart = 0
@@ -193,6 +194,7 @@ def import_report(cfg: Config, ledger: Ledger, dest: s3.S3Service, path: Path) -
     """Record the tasks of a completion report in the ledger (see the module docstring).
     Every task's bucket must be the job's source bucket; rows are taken under a lease, so an
     import never changes a row a running worker holds."""
+    current_versions_only(cfg)
     files = report_files(path)
     for t in read_tasks(files):  # the whole report is checked before any row changes
         if t.bucket != cfg.source.bucket:
@@ -205,6 +207,16 @@ def import_report(cfg: Config, ledger: Ledger, dest: s3.S3Service, path: Path) -
     for batch in _batches(read_tasks(files), _BATCH):
         _import_batch(cfg, ledger, dest, owner, batch, result)
     return result
+
+
+def current_versions_only(cfg: Config) -> None:
+    """Batch Operations copies each key's current version: a job of every version is
+    ``migrator run``'s alone."""
+    if cfg.versions == "all":
+        raise ConfigError(
+            "versions: all: S3 Batch Operations copies current versions only; copy every "
+            "version with `migrator run`"
+        )
 
 
 def _batches(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:

@@ -146,12 +146,29 @@ class _Side:
                 f"unknown ({_s3_reason(exc)}); grant s3:GetBucketVersioning to check",
             )
         self.versioning = status
+        if self.side == "destination" and self.cfg.versions == "all" and status != "Enabled":
+            return self.item(
+                "versioning",
+                "fail",
+                f"{status or 'not versioned'}: versions: all needs versioning enabled on "
+                f"{self.loc.bucket}, or each version copied would replace the last (aws s3api "
+                f"put-bucket-versioning --bucket {self.loc.bucket} --versioning-configuration "
+                "Status=Enabled)",
+            )
         if status and self.side == "source" and self.cfg.delete_source != "never":
+            if self.cfg.delete_versions:
+                return self.item(
+                    "versioning",
+                    "ok",
+                    f"{status}: deleting a source removes its migrated versions for good "
+                    "(delete_versions: true); versions not migrated stay",
+                )
             return self.item(
                 "versioning",
                 "warn",
-                f"{status}: deleting a source leaves a delete marker, and the old version "
-                "stays (and is billed) until a lifecycle rule expires it",
+                f"{status}: deleting a source leaves a delete marker, and the migrated "
+                "versions stay (and are billed) until a lifecycle rule expires them; "
+                "delete_versions: true removes them instead",
             )
         return self.item("versioning", "ok", status or "not versioned")
 
@@ -493,6 +510,8 @@ def start_checks(cfg: Config) -> list[Item]:
             versioning = check.versioning_state()
             if check.versioning:  # known to be on; a refused read is pre-flight's to report
                 items.append(versioning)
+        if side == "destination" and cfg.versions == "all" and items[-1].status == "ok":
+            items.append(check.versioning_state())  # one request: fails when not enabled
         if side == "destination" and cfg.sse == "aws:kms" and items[-1].status == "ok":
             items.append(check.kms_key())  # one request: a mistyped key stops the run here
         check.close()

@@ -16,6 +16,7 @@ from rich.console import Console
 from migrator.errors import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    ConfigError,
     LedgerError,
     MigratorError,
     db_reason,
@@ -166,6 +167,12 @@ def plan(config_path: Path, inventory: str | None) -> None:
     """
     cfg = _load(config_path)
     pages = None
+    if inventory is not None and cfg.lists_versions:
+        raise ConfigError(
+            "--from-inventory plans current objects only; a job with versions: all or "
+            "delete_versions: true needs their version ids: plan by listing (without "
+            "--from-inventory)"
+        )
     if inventory is not None:
         from migrator.inventory import inventory_pages, load_manifest
         from migrator.storage import s3
@@ -382,6 +389,13 @@ def _print_status(doc: dict[str, Any]) -> None:
         + ("" if doc["planned"] else " (still planning: the total grows)"),
         highlight=False,
     )
+    if "versions" in doc:
+        v = doc["versions"]
+        out_console.print(
+            f"versions (versions: all; the objects above are keys): {v['copied']:,} of "
+            f"{v['recorded']:,} copied ({mb(v['copied_bytes'])} of {mb(v['recorded_bytes'])})",
+            highlight=False,
+        )
     a = doc["attempts"]
     out_console.print(
         f"S3 retries so far: {doc['s3_retries']:,} · objects with an error: "
@@ -814,9 +828,10 @@ def export_manifest(config_path: Path, out: Path) -> None:
       aws s3 cp manifest.csv s3://ops-bucket/manifests/avatars.csv
     """
     cfg = _load(config_path)
-    from migrator.batchops import MANIFEST_FORMAT
+    from migrator.batchops import MANIFEST_FORMAT, current_versions_only
     from migrator.batchops import export_manifest as export
 
+    current_versions_only(cfg)
     ledger = _ledger_for_reading(cfg)
     try:
         manifest = export(cfg, ledger, out)
@@ -863,10 +878,11 @@ def import_report(config_path: Path, report: Path) -> None:
       migrator import-report report/ && migrator run
     """
     cfg = _load(config_path)
+    from migrator.batchops import current_versions_only, report_files
     from migrator.batchops import import_report as read_report
-    from migrator.batchops import report_files
     from migrator.supervisor import preflight
 
+    current_versions_only(cfg)
     report_files(report)  # a wrong path or format: exit 2 before anything is opened
     ledger = _ledger_for_reading(cfg)
     ledger.engine.dispose()

@@ -477,6 +477,11 @@ class Config(_Strict):
     # streamed GET → PUT through this host, or (auto) the first where both sides share an
     # endpoint and credentials, else the second.
     copy_mode: Literal["auto", "server", "stream"] = "auto"
+    # Versioned sources (docs/configuration.md#versioned-sources): copy each key's current
+    # version (latest) or every version, oldest first (all); a source delete leaves a delete
+    # marker, or with delete_versions removes the migrated version ids for good.
+    versions: Literal["latest", "all"] = "latest"
+    delete_versions: bool = Field(strict=True, default=False)
 
     @field_validator("multipart_threshold")
     @classmethod
@@ -610,6 +615,24 @@ class Config(_Strict):
                 "destination's credentials reading the source) or use sse: AES256"
             )
         return self
+
+    @model_validator(mode="after")
+    def _versions_copied_by_s3(self) -> Config:
+        """Every version of a key is copied by S3 from its version id (``CopySource``
+        ``VersionId``); streamed copies read the current object only."""
+        if self.versions == "all" and self.streams:
+            raise ValueError(
+                f"versions: all needs server-side copies, and copy_mode {self.copy_mode} "
+                "streams here: use copy_mode: server (the destination's credentials reading "
+                "the source, one endpoint) or versions: latest"
+            )
+        return self
+
+    @property
+    def lists_versions(self) -> bool:
+        """Whether the plan lists object versions (``ListObjectVersions``) and keeps their
+        ids in the ledger: to copy them all, or to delete the migrated ones by id."""
+        return self.versions == "all" or self.delete_versions
 
     @model_validator(mode="after")
     def _no_overlap(self, info: ValidationInfo) -> Config:

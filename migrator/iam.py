@@ -18,6 +18,10 @@ What each action is for (the S3 API call that needs it):
   verify``); ``s3:ListBucket``: ``HeadBucket``, ``migrator verify``'s listing, and a 404 rather
   than a 403 for a missing key; ``s3:AbortMultipartUpload`` and
   ``s3:ListBucketMultipartUploads``: cleaning up incomplete multipart uploads.
+* source with ``versions: all``: ``s3:GetObjectVersion`` (+ ``s3:GetObjectVersionTagging``)
+  for ``CopyObject`` of a version by its id; with ``versions: all`` or ``delete_versions``:
+  ``s3:ListBucketVersions`` (``plan`` lists versions); with ``delete_versions``:
+  ``s3:DeleteObjectVersion`` instead of ``s3:DeleteObject`` (deletes by version id).
 * both: ``s3:GetBucketVersioning`` and ``s3:GetBucketLocation`` for ``migrator check``.
 * destination with ``acl``: ``s3:PutObjectAcl`` (a copy that sets a canned ACL).
 * destination with ``sse: aws:kms`` and a ``kms_key_id``: on that key ``kms:GenerateDataKey``
@@ -86,9 +90,12 @@ def source_policy(cfg: Config) -> dict[str, Any]:
     objects = ["s3:GetObject"]
     if cfg.tags == "copy":
         objects.append("s3:GetObjectTagging")
+    objects += _version_reads(cfg)
     if cfg.delete_source != "never":
-        objects.append("s3:DeleteObject")
+        objects.append("s3:DeleteObjectVersion" if cfg.delete_versions else "s3:DeleteObject")
     bucket = ["s3:ListBucket", "s3:GetBucketLocation", "s3:GetBucketVersioning"]
+    if cfg.lists_versions:
+        bucket.append("s3:ListBucketVersions")
     return {
         "Version": VERSION,
         "Statement": [
@@ -120,9 +127,20 @@ def destination_policy(cfg: Config) -> dict[str, Any]:
         # ListBucket makes a deleted source a 404 rather than a 403.
         statements += [
             _bucket_statement("DestinationListsSource", cfg.source, ["s3:ListBucket"]),
-            _objects("DestinationReadsSource", cfg.source, ["s3:GetObject", "s3:GetObjectTagging"]),
+            _objects(
+                "DestinationReadsSource",
+                cfg.source,
+                ["s3:GetObject", "s3:GetObjectTagging", *_version_reads(cfg)],
+            ),
         ]
     return {"Version": VERSION, "Statement": statements}
+
+
+def _version_reads(cfg: Config) -> list[str]:
+    """What a copy of a source version by its id needs (``versions: all``)."""
+    if cfg.versions != "all":
+        return []
+    return ["s3:GetObjectVersion"] + (["s3:GetObjectVersionTagging"] if cfg.tags == "copy" else [])
 
 
 def _kms_statement(sid: str, loc: Location, key: str) -> dict[str, Any]:

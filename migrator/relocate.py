@@ -143,6 +143,11 @@ def check_options(cfg: Config, opts: Options) -> None:
         problems.append(
             f"{', '.join(changed)} must be left out: relocate keeps every object as it is"
         )
+    if cfg.versions != "latest" or cfg.delete_versions:
+        problems.append(
+            "versions and delete_versions must be left out: relocate copies each key's "
+            "current version and empties the bucket itself (see docs/operations.md)"
+        )
     if len(cfg.job) > 100 - len(FROM_TEMP):
         problems.append(
             f"job must be at most {100 - len(FROM_TEMP)} characters for relocate (its copies "

@@ -20,7 +20,7 @@ from migrator import keys
 from migrator.appdb import AppDatabase
 from migrator.config import Config
 from migrator.errors import db_reason, redact
-from migrator.ledger.repo import Ledger, ObjectRow
+from migrator.ledger.repo import Ledger, NewVersion, ObjectRow, VersionRow
 from migrator.ledger.tables import Stage, State
 from migrator.logs import event
 from migrator.storage import s3
@@ -323,12 +323,11 @@ def _verify_multipart(ctx: ChunkContext, row: ObjectRow, copied: s3.MultipartCop
     return CopyOutcome(row, dest_etag=copied.etag)
 
 
-def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
-    """Copy the chunk's pending rows in parallel; return the rows now verified at the
-    destination (with those that already were)."""
-    ready = [r for r in rows if r.state is State.COPIED]
-    small = [r for r in rows if r.state is State.PENDING and not _is_large(ctx.cfg, r)]
-    large = [r for r in rows if r.state is State.PENDING and _is_large(ctx.cfg, r)]
+def _copy_current(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[CopyOutcome]:
+    """Copies of each row's current source object (the planned version, ``If-Match``), the
+    small ones in parallel, then the large ones one at a time, their parts in parallel."""
+    small = [r for r in rows if not _is_large(ctx.cfg, r)]
+    large = [r for r in rows if _is_large(ctx.cfg, r)]
     guarded = ctx.cfg.on_conflict != "overwrite"
     results: list[CopyResult] = list(
         ctx.dest.copy_many(
@@ -344,10 +343,168 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
     results += [_copy_large(ctx, r, if_absent=guarded, stop=ctx.stop) for r in large]
     pending = small + large
     heads = _heads_for_content_checks(ctx, pending, results)
-    outcomes = [
+    return [
         _outcome(ctx, r, res, guarded, heads.get(r.id))
         for r, res in zip(pending, results, strict=True)
     ]
+
+
+def _copy_every_version(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[CopyOutcome]:
+    """``versions: all``: each key's versions copied oldest first (:func:`_copy_versions`),
+    the keys of the chunk in parallel (``concurrency`` at a time)."""
+    recorded = ctx.ledger.versions_of([r.source_key for r in rows])
+    return ctx.dest.map(lambda r: _copy_versions(ctx, r, recorded.get(r.source_key, [])), rows)
+
+
+def _copy_versions(ctx: ChunkContext, row: ObjectRow, versions: list[VersionRow]) -> CopyOutcome:
+    """Copy the key's versions not copied yet, in order, each from its version id, so the
+    destination key gets them as new versions in the source's order and its current version
+    is the source's. Each copy is verified and its destination version id recorded before
+    the next version is copied; the row counts as copied once the last one is.
+
+    Before each copy the destination's current version is read: a version this job did not
+    record (a copy made by a run killed before recording it) with the version's size and
+    ETag is taken as that copy, not made twice; any other unrecorded object there is a
+    conflict, as for a single copy (``on_conflict``)."""
+    if not versions:
+        return CopyOutcome(
+            row,
+            error="no versions recorded for this key (planned before versions: all was set); "
+            "run `migrator plan` again",
+            permanent=True,
+        )
+    dst = ctx.cfg.destination.bucket
+    ours = {v.dest_version_id for v in versions if v.dest_version_id is not None}
+    last = next((v.dest_etag for v in reversed(versions) if v.dest_version_id), None)
+    for v in versions:
+        if v.dest_version_id is not None:
+            continue
+        if ctx.stop.is_set():
+            return CopyOutcome(row, not_sent=True)
+        try:
+            found = ctx.dest.head(dst, row.dest_key)
+            if found is not None and found.version_id not in ours:
+                if found.size == v.size and found.etag in (v.etag, v.dest_etag):
+                    copied: tuple[str, str | None] | CopyOutcome = (found.etag, found.version_id)
+                elif ctx.cfg.on_conflict == "overwrite":
+                    copied = _copy_version(ctx, row, v)
+                else:
+                    message = (
+                        f"conflict: destination key already holds an object ({found.size} "
+                        f"bytes, ETag {found.etag}, version {found.version_id}) not written "
+                        "by this job; set on_conflict: overwrite or skip"
+                    )
+                    if ctx.cfg.on_conflict == "skip" and not ours:
+                        return CopyOutcome(
+                            row,
+                            error=message.replace("conflict", "skipped", 1),
+                            conflict_skipped=True,
+                        )
+                    return CopyOutcome(row, error=message, permanent=True)
+            else:
+                copied = _copy_version(ctx, row, v)
+        except s3.S3OperationError as err:
+            return _version_failed(row, v, err)
+        if isinstance(copied, CopyOutcome):
+            return copied
+        etag, dest_version = copied
+        if dest_version is None or dest_version == "null":
+            return CopyOutcome(
+                row,
+                error=f"destination bucket {dst} keeps no versions: versions: all needs "
+                "versioning enabled there (put-bucket-versioning Status=Enabled), or every "
+                "copy would replace the last",
+                permanent=True,
+            )
+        if not ctx.ledger.record_version(ctx.owner, row.id, v, etag, dest_version):
+            return CopyOutcome(row, error="lease lost; another worker has the row")
+        ours.add(dest_version)
+        last = etag
+    return CopyOutcome(row, dest_etag=last)
+
+
+def _copy_version(
+    ctx: ChunkContext, row: ObjectRow, v: VersionRow
+) -> tuple[str, str | None] | CopyOutcome:
+    """One version's copy, verified: its ETag and destination version id, or the outcome
+    that ends the row's copy for now. A single copy is verified by its ETag (the version's
+    MD5), else by ``HeadObject`` of the new version: the size listed and the ETag S3
+    answered (a copy in parts, or an encrypted object's ETag)."""
+    src, dst = ctx.cfg.source.bucket, ctx.cfg.destination.bucket
+    if v.size <= ctx.cfg.multipart_threshold:
+        etag, dest_version = s3.copy_version(
+            ctx.dest.boto,
+            src,
+            row.source_key,
+            v.version_id,
+            dst,
+            row.dest_key,
+            attrs=ctx.attrs,
+            storage_class=v.storage_class,
+        )
+        if etag == v.etag and "-" not in v.etag:
+            return etag, dest_version
+    else:
+        result = ctx.dest.copy_multipart(
+            src,
+            row.source_key,
+            dst,
+            row.dest_key,
+            v.etag,
+            v.size,
+            ctx.cfg.transfer_part_size,
+            if_absent=False,
+            stop=ctx.stop,
+            before_complete=lambda e: ctx.ledger.record_version(ctx.owner, row.id, v, e, None),
+            attrs=ctx.attrs,
+            version_id=v.version_id,
+        )
+        if result is None:
+            return CopyOutcome(row, not_sent=True)
+        if isinstance(result, s3.S3OperationError):
+            raise result
+        if result.etag != result.expected_etag and result.sse not in OPAQUE_ETAG_SSE:
+            return CopyOutcome(
+                row,
+                error=f"verify: version {v.version_id}: completed ETag {result.etag} is not "
+                f"the ETag of the copied parts ({result.expected_etag})",
+            )
+        etag, dest_version = result.etag, result.version_id
+    found = ctx.dest.head(dst, row.dest_key, version_id=dest_version) if dest_version else None
+    if found is None or found.size != v.size or found.etag != etag:
+        got = "missing" if found is None else f"{found.size} bytes, ETag {found.etag}"
+        return CopyOutcome(
+            row,
+            error=f"verify: version {v.version_id}: destination is {got}, expected {v.size} "
+            f"bytes, ETag {etag}",
+        )
+    return etag, dest_version
+
+
+def _version_failed(row: ObjectRow, v: VersionRow, err: s3.S3OperationError) -> CopyOutcome:
+    if err.kind is s3.ErrorKind.SOURCE_MISSING:
+        return CopyOutcome(
+            row,
+            error=f"source version {v.version_id} no longer exists ({err.code}); app rows "
+            "left untouched",
+            permanent=True,
+        )
+    return CopyOutcome(
+        row,
+        error=f"version {v.version_id}: {err}",
+        permanent=err.kind is s3.ErrorKind.PERMANENT,
+    )
+
+
+def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
+    """Copy the chunk's pending rows in parallel; return the rows now verified at the
+    destination (with those that already were)."""
+    ready = [r for r in rows if r.state is State.COPIED]
+    pending = [r for r in rows if r.state is State.PENDING]
+    if ctx.cfg.versions == "all":
+        outcomes = _copy_every_version(ctx, pending)
+    else:
+        outcomes = _copy_current(ctx, pending)
     copied = [o for o in outcomes if o.dest_etag is not None]
     # Without an app database there is nothing to rewrite: the copy is recorded as the
     # state after the rewrite in the same statement.
@@ -378,6 +535,12 @@ def copy_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow]:
                 ctx.cfg.max_attempts,
                 storage_class=o.replan.storage_class,
             )
+            if ctx.cfg.lists_versions and o.replan.version_id is not None:
+                # delete_versions deletes the version copied: the new one, once it is.
+                new = NewVersion(
+                    o.replan.version_id, o.replan.size, o.replan.etag, None, o.replan.storage_class
+                )
+                ctx.ledger.add_versions({o.row.source_key: [new]})
     failed = [o for o in outcomes if o.error and not o.conflict_skipped]
     _record_errors(ctx, [o for o in failed if not o.permanent], Stage.COPY)
     _record_errors(ctx, [o for o in failed if o.permanent], Stage.COPY, True)
@@ -511,17 +674,67 @@ def delete_stage(ctx: ChunkContext, rows: Sequence[ObjectRow]) -> list[ObjectRow
         todo = todo[: ctx.budget.take(len(todo))]  # the rest stay rewritten for a later run
     done: list[ObjectRow] = []
     failures: list[tuple[ObjectRow, str]] = []
-    for batch in keys.batched(todo, s3.DELETE_BATCH):
-        errors = ctx.source.delete(ctx.cfg.source.bucket, [r.source_key for r in batch])
-        for r in batch:
-            if r.source_key in errors:
-                failures.append((r, redact(f"delete: {errors[r.source_key]}")))
-            else:
-                done.append(r)
+    if ctx.cfg.delete_versions:
+        done, failures = _delete_version_ids(ctx, todo)
+    else:
+        for batch in keys.batched(todo, s3.DELETE_BATCH):
+            errors = ctx.source.delete(ctx.cfg.source.bucket, [r.source_key for r in batch])
+            for r in batch:
+                if r.source_key in errors:
+                    failures.append((r, redact(f"delete: {errors[r.source_key]}")))
+                else:
+                    done.append(r)
     recorded = ctx.ledger.record_state(ctx.owner, [r.id for r in done], State.DONE, release=True)
     _announce("deleted", "deleted the source of", [r for r in done if r.id in recorded])
     _record_failures(ctx, failures, Stage.DELETE)
     return [dataclasses.replace(r, state=State.DONE) for r in done]
+
+
+def migrated_versions(cfg: Config, row: ObjectRow, recorded: Sequence[VersionRow]) -> list[str]:
+    """The source version ids of ``row`` that ``delete_versions`` removes: under
+    ``versions: all`` every version whose copy is recorded; under ``latest`` the versions
+    recorded with the ETag that was copied (the same bytes as the destination's)."""
+    if cfg.versions == "all":
+        return [v.version_id for v in recorded if v.dest_version_id is not None]
+    return [v.version_id for v in recorded if v.etag == row.etag]
+
+
+def _delete_version_ids(
+    ctx: ChunkContext, rows: Sequence[ObjectRow]
+) -> tuple[list[ObjectRow], list[tuple[ObjectRow, str]]]:
+    """``delete_versions: true``: the migrated versions of each row's key are removed for
+    good (``DeleteObjects`` with version ids, ≤ 1,000 per request), leaving no delete
+    marker; versions that were not migrated stay. A row whose versions are not recorded
+    (planned before ``delete_versions`` was set) is not deleted: its attempt says why."""
+    recorded = ctx.ledger.versions_of([r.source_key for r in rows])
+    failures: list[tuple[ObjectRow, str]] = []
+    wanted: dict[int, list[tuple[str, str]]] = {}
+    for r in rows:
+        ids = migrated_versions(ctx.cfg, r, recorded.get(r.source_key, []))
+        if ids:
+            wanted[r.id] = [(r.source_key, v) for v in ids]
+        else:
+            failures.append(
+                (
+                    r,
+                    "delete: no migrated version id recorded (planned before delete_versions "
+                    "was set); run `migrator plan` again",
+                )
+            )
+    pairs = [p for ps in wanted.values() for p in ps]
+    errors: dict[tuple[str, str], str] = {}
+    for batch in keys.batched(pairs, s3.DELETE_BATCH):
+        errors.update(s3.delete_versions(ctx.source.boto, ctx.cfg.source.bucket, batch))
+    done: list[ObjectRow] = []
+    for r in rows:
+        if r.id not in wanted:
+            continue
+        failed = [errors[p] for p in wanted[r.id] if p in errors]
+        if failed:
+            failures.append((r, redact(f"delete: {failed[0]}")))
+        else:
+            done.append(r)
+    return done, failures
 
 
 def _recheck_app_rows(ctx: ChunkContext, rows: list[ObjectRow]) -> list[ObjectRow]:

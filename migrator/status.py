@@ -94,6 +94,8 @@ def status_document(cfg: Config, ledger: Ledger) -> dict[str, Any]:
             "done_bytes_per_second": round(rates.done_bytes),
         },
         "s3_retries": ledger.s3_retries(),
+        # versions: all counts keys above; their versions here
+        **({"versions": ledger.version_counts()} if cfg.versions == "all" else {}),
         **error_summary(errors, sampled=len(errors) == ERROR_SAMPLE),
         "recent_errors": ledger.recent_errors(),
     }

@@ -131,6 +131,8 @@ def run_plan(
             (totals.not_matched, "not matched"),
             (totals.remapped, "given a new destination"),
             (totals.dropped, "dropped"),
+            (totals.versions_added, "versions recorded"),
+            (totals.delete_marked, "left out (current version is a delete marker)"),
         )
         if n
     ]

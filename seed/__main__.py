@@ -1,8 +1,10 @@
-"""``python -m seed --config config.yaml --objects N --size BYTES``
+"""``python -m seed --config config.yaml --objects N --size BYTES [--versions V]``
 
 Creates both buckets, N avatar objects under the source prefix (parallel uploads, deterministic
 content) and the application table with one row per object, plus rows a migration must leave
-alone: other prefixes, a look-alike prefix, and NULL paths.
+alone: other prefixes, a look-alike prefix, and NULL paths. With ``--versions V`` the source
+bucket gets versioning and each object V versions (the last one the object above); the
+destination bucket gets versioning too when the config says ``versions: all``.
 """
 
 from __future__ import annotations
@@ -52,34 +54,45 @@ def upload(client: Any, bucket: str, obj: SeedObject) -> None:
     )
 
 
-def upload_slice(location: Location, start: int, stop: int, size: int) -> int:
-    """Upload objects ``start..stop-1`` from this process, ``UPLOAD_THREADS`` at a time.
+def older_version(obj: SeedObject, n: int) -> SeedObject:
+    """Version ``n`` (from 0) of ``obj`` before its current one: as large, other bytes."""
+    body = (f"version {n} of {obj.key} ".encode() + obj.body)[: max(len(obj.body), 1)]
+    return SeedObject(obj.index, obj.key, obj.content_type, body, obj.user_id)
+
+
+def upload_slice(location: Location, start: int, stop: int, size: int, versions: int = 1) -> int:
+    """Upload objects ``start..stop-1`` from this process, ``UPLOAD_THREADS`` at a time, each
+    after its ``versions - 1`` older versions (in order: a bucket with versioning keeps them).
     Plain PUTs without a CRC trailer: the checksum would cost more CPU than the request."""
     client = ClientFactory(
         location, max_pool=UPLOAD_THREADS + 4, request_checksums="when_required"
     ).client()
+
+    def one(i: int) -> None:
+        obj = seed_object(i, location.prefix, size)
+        for n in range(versions - 1):
+            upload(client, location.bucket, older_version(obj, n))
+        upload(client, location.bucket, obj)
+
     with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-        list(
-            pool.map(
-                lambda i: upload(client, location.bucket, seed_object(i, location.prefix, size)),
-                range(start, stop),
-            )
-        )
+        list(pool.map(one, range(start, stop)))
     return stop - start
 
 
-def upload_all(location: Location, count: int, size: int, processes: int) -> None:
+def upload_all(
+    location: Location, count: int, size: int, processes: int, versions: int = 1
+) -> None:
     """Split the uploads over ``processes`` processes: one boto3 client is bound by the GIL
     at about one request per millisecond of CPU."""
     step = max(1, -(-count // max(processes, 1)))
     slices = [(i, min(i + step, count)) for i in range(0, count, step)]
     if len(slices) <= 1:
         for start, stop in slices:
-            upload_slice(location, start, stop, size)
+            upload_slice(location, start, stop, size, versions)
         return
     ctx = multiprocessing.get_context("fork")  # nothing is running yet that forking could harm
     with ProcessPoolExecutor(len(slices), mp_context=ctx) as pool:
-        futures = [pool.submit(upload_slice, location, a, b, size) for a, b in slices]
+        futures = [pool.submit(upload_slice, location, a, b, size, versions) for a, b in slices]
         for f in futures:
             f.result()
 
@@ -164,11 +177,24 @@ def seed_app_db(cfg: Config, objects: list[SeedObject], replace: bool) -> int:
     type=click.IntRange(1, 64),
     help="Upload processes (each with 32 threads).",
 )
+@click.option(
+    "--versions",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Versions per object; above 1 the source bucket gets versioning (and the "
+    "destination too under versions: all).",
+)
 @click.option("--replace", is_flag=True, help="Drop and recreate a non-empty app table.")
-def main(config_path: Path, count: int, size: int, processes: int, replace: bool) -> None:
+def main(
+    config_path: Path, count: int, size: int, processes: int, versions: int, replace: bool
+) -> None:
     """Create buckets, COUNT objects of SIZE bytes under the source prefix, and the app table.
 
-    Example: python -m seed --config config.yaml --objects 2000 --size 2048
+    \b
+    Examples:
+      python -m seed --config config.yaml --objects 2000 --size 2048
+      python -m seed --config config.yaml --objects 200 --versions 3
     """
     try:
         cfg = load_config(config_path)
@@ -179,15 +205,25 @@ def main(config_path: Path, count: int, size: int, processes: int, replace: bool
     objects = [seed_object(i, cfg.source.prefix, size) for i in range(count)]
     try:
         src = ClientFactory(cfg.source).client()
+        dst = ClientFactory(cfg.destination).client()
         create_bucket(src, cfg.source)
-        create_bucket(ClientFactory(cfg.destination).client(), cfg.destination)
-        upload_all(cfg.source, count, size, processes)
+        create_bucket(dst, cfg.destination)
+        enabled = {"Status": "Enabled"}
+        if versions > 1:
+            src.put_bucket_versioning(Bucket=cfg.source.bucket, VersioningConfiguration=enabled)
+        if versions > 1 and cfg.versions == "all":
+            dst.put_bucket_versioning(
+                Bucket=cfg.destination.bucket, VersioningConfiguration=enabled
+            )
+        upload_all(cfg.source, count, size, processes, versions)
     except (ClientError, BotoCoreError) as exc:
         click.echo(f"error: S3: {redact(str(exc))}", err=True)
         sys.exit(2)
     took = time.monotonic() - started
     click.echo(
-        f"seeded {count:,} objects of {size:,} bytes under "
+        f"seeded {count:,} objects of {size:,} bytes"
+        + (f" ({versions} versions each)" if versions > 1 else "")
+        + " under "
         f"s3://{cfg.source.bucket}/{cfg.source.prefix} in {took:.1f} s "
         f"({count / took if took else 0:,.0f} objects/s)"
     )

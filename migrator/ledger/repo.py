@@ -23,10 +23,19 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from migrator.errors import ConfigError, LedgerError, NoLedgerError, db_reason
-from migrator.ledger.tables import Phase, Stage, State, jobs, objects, relocations, state_counts
+from migrator.ledger.tables import (
+    Phase,
+    Stage,
+    State,
+    jobs,
+    objects,
+    relocations,
+    state_counts,
+    versions,
+)
 
 ALEMBIC_DIR = Path(__file__).resolve().parents[2] / "alembic"
-SCHEMA_HEAD = "0006"  # the newest Alembic revision (a test pins it to alembic/versions)
+SCHEMA_HEAD = "0007"  # the newest Alembic revision (a test pins it to alembic/versions)
 VERSION_TABLE = "migrator_alembic_version"
 _PG_MIGRATION_LOCK = 0x6D696772  # advisory lock id so concurrent hosts migrate one at a time
 _PG_FOLD_LOCK = 0x6D696773  # advisory lock id (with the job's hash): one fold_counts at a time
@@ -36,6 +45,7 @@ MINUTE = 60  # ... into one row per state and minute
 
 O = objects.c  # noqa: E741 - short alias for column access in queries
 C = state_counts.c
+V = versions.c
 
 
 def utcnow() -> datetime:
@@ -53,6 +63,31 @@ class ObjectRow:
     state: State
     attempts: int
     storage_class: str | None = None  # as listed; None for STANDARD
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """One source version of a key (``migrator_versions``), in ``seq`` order."""
+
+    source_key: str
+    seq: int
+    version_id: str
+    size: int
+    etag: str
+    storage_class: str | None
+    dest_version_id: str | None  # set once its copy is verified
+    dest_etag: str | None  # set then, or (a copy in parts) just before its completion
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A listed object version for :meth:`Ledger.add_versions`."""
+
+    version_id: str
+    size: int
+    etag: str
+    last_modified: datetime | None
+    storage_class: str | None
 
 
 @dataclass(frozen=True)
@@ -410,6 +445,126 @@ class Ledger:
             if wanted[dest_key] != source_key:
                 return collision_message(source_key, wanted[dest_key], dest_key)
         return None
+
+    def add_versions(self, listed: dict[str, Sequence[NewVersion]]) -> int:
+        """Record each key's listed versions (oldest first) that the ledger does not have yet,
+        after those it has (``seq`` only grows: a re-plan appends the versions written since).
+        Called before the page's object rows are upserted, so a worker that claims a key's
+        row finds its versions. Returns how many versions were added."""
+        if not listed:
+            return 0
+        for attempt in range(_PLAN_TRIES):
+            try:
+                with self.engine.begin() as conn:
+                    have: dict[str, tuple[set[str], int]] = {}
+                    for key, vid, seq in conn.execute(
+                        sa.select(V.source_key, V.version_id, V.seq).where(
+                            V.job == self.job, V.source_key.in_(list(listed))
+                        )
+                    ):
+                        ids, top = have.get(key, (set(), 0))
+                        ids.add(vid)
+                        have[key] = (ids, max(top, seq))
+                    rows: list[dict[str, Any]] = []
+                    for key, found in listed.items():
+                        ids, top = have.get(key, (set(), 0))
+                        for v in found:
+                            if v.version_id in ids:
+                                continue
+                            top += 1
+                            rows.append(
+                                {
+                                    "job": self.job,
+                                    "source_key": key,
+                                    "seq": top,
+                                    "version_id": v.version_id,
+                                    "size": v.size,
+                                    "etag": v.etag,
+                                    "last_modified": _naive(v.last_modified),
+                                    "storage_class": v.storage_class,
+                                }
+                            )
+                    if rows:
+                        conn.execute(versions.insert(), rows)
+                    return len(rows)
+            except IntegrityError:  # another host planned the same keys at once
+                if attempt == _PLAN_TRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def versions_of(self, source_keys: Sequence[str]) -> dict[str, list[VersionRow]]:
+        """The recorded versions of these keys, oldest first, by key."""
+        out: dict[str, list[VersionRow]] = {}
+        if not source_keys:
+            return out
+        with self._read() as conn:
+            for r in conn.execute(
+                sa.select(
+                    V.source_key,
+                    V.seq,
+                    V.version_id,
+                    V.size,
+                    V.etag,
+                    V.storage_class,
+                    V.dest_version_id,
+                    V.dest_etag,
+                )
+                .where(V.job == self.job, V.source_key.in_(list(source_keys)))
+                .order_by(V.source_key, V.seq)
+            ):
+                out.setdefault(r[0], []).append(VersionRow(*r))
+        return out
+
+    def version_counts(self) -> dict[str, int]:
+        """The job's recorded versions and those copied, as objects and bytes (one pass over
+        the job's versions: ``status`` of a job of every version)."""
+        copied = V.dest_version_id.is_not(None)
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    sa.func.coalesce(sa.func.sum(V.size), 0),
+                    sa.func.count(V.dest_version_id),
+                    sa.func.coalesce(sa.func.sum(sa.case((copied, V.size), else_=0)), 0),
+                ).where(V.job == self.job)
+            ).one()
+        names = ("recorded", "recorded_bytes", "copied", "copied_bytes")
+        return dict(zip(names, map(int, row), strict=True))
+
+    def record_version(
+        self,
+        owner: str,
+        row_id: int,
+        version: VersionRow,
+        dest_etag: str,
+        dest_version_id: str | None,
+    ) -> bool:
+        """A version's copy: with ``dest_version_id``, verified (the key's next version may be
+        copied now); without, the ETag a copy in parts is about to get, recorded before its
+        completion so a run killed right after it knows the object as its own. Only while
+        ``owner`` holds the key's object row; False when it does not (lease lost)."""
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                sa.select(O.id)
+                .where(O.id == row_id, O.lease_owner == owner)
+                .with_for_update()  # the lease cannot change hands before this commits
+            ).first()
+            if held is None:
+                return False
+            conn.execute(
+                versions.update()
+                .where(
+                    V.job == self.job,
+                    V.source_key == version.source_key,
+                    V.seq == version.seq,
+                )
+                .values(
+                    dest_etag=dest_etag,
+                    dest_version_id=dest_version_id,
+                    copied_at=utcnow() if dest_version_id is not None else None,
+                )
+            )
+        return True
 
     def has_rows(self) -> bool:
         """Whether the job has any row (a plan before this one got at least one page in)."""

@@ -117,6 +117,30 @@ state_counts = sa.Table(
     sa.Column("bytes", sa.BigInteger, nullable=False),
 )
 
+# The versions of each listed key, when a job lists versions (``versions: all``, or
+# ``delete_versions: true``; revision 0007). ``seq`` orders a key's versions, oldest first, and
+# only grows: a re-plan appends the versions written since. ``dest_version_id`` is recorded
+# after the version's copy is verified and before the next version of the key is copied;
+# under ``versions: latest`` it stays NULL (the object row's copy is the current version's).
+versions = sa.Table(
+    "migrator_versions",
+    metadata,
+    sa.Column("job", sa.String(100), primary_key=True),
+    sa.Column("source_key", sa.String(1024), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version_id", sa.String(1024), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("etag", sa.String(80), nullable=False),
+    sa.Column("last_modified", sa.DateTime, nullable=True),
+    sa.Column("storage_class", sa.String(32), nullable=True),
+    sa.Column("dest_version_id", sa.String(1024), nullable=True),
+    sa.Column("dest_etag", sa.String(80), nullable=True),
+    sa.Column("copied_at", sa.DateTime, nullable=True),
+    sa.UniqueConstraint(
+        "job", "source_key", "version_id", name="uq_migrator_versions_job_key_version"
+    ),
+)
+
 # One row per ``migrator relocate`` (named by the config's job): the bucket, the regions, the
 # temporary bucket and the phase reached, each phase recorded after its side effect (revision
 # 0006). ``bucket_config`` is the bucket's configuration as read before it was deleted (JSON),

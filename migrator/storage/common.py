@@ -39,6 +39,20 @@ class ListedObject(NamedTuple):  # a tuple: a million of them are built per mill
     storage_class: str | None = None
 
 
+class ListedVersion(NamedTuple):
+    """One entry of ``ListObjectVersions``: an object version, or a delete marker (no size,
+    no ETag)."""
+
+    key: str
+    version_id: str  # "null" for an object written while versioning was never enabled
+    size: int
+    etag: str
+    last_modified: datetime | None
+    storage_class: str | None
+    is_latest: bool
+    delete_marker: bool = False
+
+
 class Checksum(NamedTuple):
     """An object's additional checksum as ``HeadObject`` with ``ChecksumMode`` shows it."""
 
@@ -54,6 +68,7 @@ class Head:
     sse: str | None = None  # x-amz-server-side-encryption: AES256, aws:kms, ...
     storage_class: str | None = None  # None for STANDARD
     checksum: Checksum | None = None  # only when asked for (``ChecksumMode``)
+    version_id: str | None = None  # in a bucket with versioning (``null``: written before it)
 
     @property
     def md5_etag(self) -> bool:

@@ -38,6 +38,7 @@ from migrator.storage.common import (
     ErrorKind,
     Head,
     ListedObject,
+    ListedVersion,
     S3OperationError,
     classify_code,
     listed_class,
@@ -263,6 +264,56 @@ def list_pages(client: Any, bucket: str, prefix: str) -> Iterator[list[ListedObj
         ]
 
 
+def list_version_pages(
+    client: Any, bucket: str, prefix: str, *, page_size: int | None = None
+) -> Iterator[list[list[ListedVersion]]]:
+    """Stream ``ListObjectVersions`` as pages of keys, each key with all its versions
+    (newest first, S3's order) and its delete markers. A key whose versions continue on the next
+    page of the listing is held back until they are all read, so a key is never split."""
+    paginator = client.get_paginator("list_object_versions")
+    held: list[ListedVersion] = []
+    paging = {"PageSize": page_size} if page_size else {}
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig=paging):
+        entries = [
+            ListedVersion(
+                key=o["Key"],
+                version_id=o.get("VersionId") or "null",
+                size=int(o["Size"]),
+                etag=strip_etag(o["ETag"]),
+                last_modified=o.get("LastModified"),
+                storage_class=listed_class(o.get("StorageClass")),
+                is_latest=bool(o.get("IsLatest")),
+            )
+            for o in page.get("Versions", ())
+        ] + [
+            ListedVersion(
+                key=m["Key"],
+                version_id=m.get("VersionId") or "null",
+                size=0,
+                etag="",
+                last_modified=m.get("LastModified"),
+                storage_class=None,
+                is_latest=bool(m.get("IsLatest")),
+                delete_marker=True,
+            )
+            for m in page.get("DeleteMarkers", ())
+        ]
+        # S3 lists a page's versions and its delete markers apart, each by key and newest
+        # first; a stable sort by key keeps that order (versions, then markers, per key).
+        entries.sort(key=lambda v: v.key)
+        by_key: list[list[ListedVersion]] = []
+        for entry in held + entries:
+            if by_key and by_key[-1][0].key == entry.key:
+                by_key[-1].append(entry)
+            else:
+                by_key.append([entry])
+        held = by_key.pop() if by_key and page.get("IsTruncated") else []
+        if by_key:
+            yield by_key
+    if held:
+        yield [held]
+
+
 def read_object(client: Any, bucket: str, key: str, max_bytes: int) -> bytes:
     """A small object's bytes (at most ``max_bytes``: a manifest, not a data file); S3's
     refusal as a classified :class:`S3OperationError`."""
@@ -306,7 +357,13 @@ def _checksum(resp: dict[str, Any]) -> Checksum | None:
 
 
 def head(
-    client: Any, bucket: str, key: str, *, checksum: bool = False, if_match: str | None = None
+    client: Any,
+    bucket: str,
+    key: str,
+    *,
+    checksum: bool = False,
+    if_match: str | None = None,
+    version_id: str | None = None,
 ) -> Head | None:
     """Size, ETag, encryption and storage class of an object, or None when it does not
     exist. ``checksum`` asks for its additional checksum too (``ChecksumMode``; on an SSE-KMS
@@ -317,6 +374,8 @@ def head(
         extra["ChecksumMode"] = "ENABLED"
     if if_match is not None:
         extra["IfMatch"] = f'"{if_match}"'
+    if version_id is not None:
+        extra["VersionId"] = version_id
     try:
         resp = client.head_object(Bucket=bucket, Key=key, **extra)
     except ClientError as exc:
@@ -331,6 +390,7 @@ def head(
         sse=resp.get("ServerSideEncryption"),
         storage_class=listed_class(resp.get("StorageClass")),
         checksum=_checksum(resp) if checksum else None,
+        version_id=resp.get("VersionId"),
     )
 
 
@@ -371,6 +431,62 @@ def copy(
     return strip_etag(resp["CopyObjectResult"]["ETag"])
 
 
+def copy_version(
+    client: Any,
+    src_bucket: str,
+    src_key: str,
+    version_id: str,
+    dst_bucket: str,
+    dst_key: str,
+    *,
+    attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
+    storage_class: str | None = None,
+) -> tuple[str, str | None]:
+    """Server-side copy of one version of the source (``CopySource`` with ``VersionId``: that
+    version and no other, whatever was written since); returns the destination's ETag and
+    the version id S3 gave the copy (None in a bucket without versioning). Headers, metadata
+    and tags are the version's own, or what ``attrs`` sets, as :func:`copy` does."""
+    try:
+        resp = client.copy_object(
+            Bucket=dst_bucket,
+            Key=dst_key,
+            CopySource={"Bucket": src_bucket, "Key": src_key, "VersionId": version_id},
+            **attrs.copy_args(storage_class),
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise classify(exc) from None
+    return strip_etag(resp["CopyObjectResult"]["ETag"]), resp.get("VersionId")
+
+
+def delete_versions(
+    client: Any, bucket: str, versions: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """``DeleteObjects`` of ≤ 1,000 ``(key, version id)``: those versions are removed for
+    good (no delete marker). Returns ``{(key, version id): error}`` for those S3 did not
+    delete; a version already gone counts as deleted, which makes a replay harmless."""
+    if not versions:
+        return {}
+    if len(versions) > DELETE_BATCH:
+        raise ValueError(f"at most {DELETE_BATCH} versions per DeleteObjects request")
+    try:
+        resp = client.delete_objects(
+            Bucket=bucket,
+            Delete={
+                "Objects": [{"Key": k, "VersionId": v} for k, v in versions],
+                "Quiet": True,
+            },
+        )
+    except (ClientError, BotoCoreError) as exc:
+        err = classify(exc)
+        return dict.fromkeys(versions, str(err))
+    errors: dict[tuple[str, str], str] = {}
+    for e in resp.get("Errors", ()):
+        if e.get("Code") in ("NoSuchVersion", "NoSuchKey"):
+            continue  # gone already: deleted by an earlier attempt
+        errors[(e["Key"], e.get("VersionId", ""))] = f"{e.get('Code')}: {e.get('Message', '')}"
+    return errors
+
+
 # What CreateMultipartUpload must be told to give the destination the source's headers, which
 # CopyObject's MetadataDirective=COPY carries over by itself.
 _CARRIED_HEADERS = (
@@ -395,6 +511,7 @@ class MultipartCopy:
     expected_etag: str
     parts: int
     sse: str | None = None  # the completed object's encryption, as S3 answered
+    version_id: str | None = None  # the version S3 gave the object (a versioned bucket)
 
 
 def abort_incomplete(client: Any, bucket: str, key: str) -> int:
@@ -423,15 +540,22 @@ def _abort(client: Any, bucket: str, key: str, upload_id: str) -> None:
 
 
 def _carried_headers(
-    client: Any, bucket: str, key: str, if_match: str, *, tags: bool = True
+    client: Any,
+    bucket: str,
+    key: str,
+    if_match: str,
+    *,
+    tags: bool = True,
+    version_id: str | None = None,
 ) -> dict[str, Any]:
     """The planned source version's headers (and with ``tags`` its tags) as
     CreateMultipartUpload arguments. ``IfMatch`` makes a source that changed since plan fail
-    here (412) before any part."""
-    resp = client.head_object(Bucket=bucket, Key=key, IfMatch=f'"{if_match}"')
+    here (412) before any part; ``version_id`` reads that version of the key."""
+    which = {"VersionId": version_id} if version_id is not None else {}
+    resp = client.head_object(Bucket=bucket, Key=key, IfMatch=f'"{if_match}"', **which)
     args = {name: resp[name] for name in _CARRIED_HEADERS if resp.get(name)}
     if tags and resp.get("TagCount"):
-        tags = client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+        tags = client.get_object_tagging(Bucket=bucket, Key=key, **which)["TagSet"]
         args["Tagging"] = urlencode([(t["Key"], t["Value"]) for t in tags])
     return args
 
@@ -485,11 +609,35 @@ class S3Service:
                 "fix the cause and run the command again"
             ) from None
 
+    def list_version_pages(self, bucket: str, prefix: str) -> Iterator[list[list[ListedVersion]]]:
+        """Pages of ``ListObjectVersions`` (:func:`list_version_pages`, through boto3); a
+        request that still fails after its retries ends it with a one-line ``StorageError``."""
+        try:
+            yield from list_version_pages(self.boto, bucket, prefix)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(
+                f"listing the versions of s3://{bucket}/{prefix} failed: {classify(exc)}; the "
+                "plan is not complete: fix the cause (s3:ListBucketVersions) and run the "
+                "command again"
+            ) from None
+
     def head(
-        self, bucket: str, key: str, *, checksum: bool = False, if_match: str | None = None
+        self,
+        bucket: str,
+        key: str,
+        *,
+        checksum: bool = False,
+        if_match: str | None = None,
+        version_id: str | None = None,
     ) -> Head | None:
         """See :func:`head`. Raises :class:`S3OperationError`."""
-        return head(self.boto, bucket, key, checksum=checksum, if_match=if_match)
+        return head(
+            self.boto, bucket, key, checksum=checksum, if_match=if_match, version_id=version_id
+        )
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        """``fn`` over ``items`` on this side's thread pool (``concurrency`` at a time)."""
+        return list(self._threads().map(fn, items))
 
     def head_many(
         self, requests: Sequence[tuple[str, str, str | None]]
@@ -580,8 +728,10 @@ class S3Service:
         stop: Any = None,
         before_complete: Callable[[str], bool] | None = None,
         attrs: ObjectAttributes = DEFAULT_ATTRIBUTES,
+        version_id: str | None = None,
     ) -> MultipartCopy | S3OperationError | None:
-        """Server-side copy in parts of exactly the planned version: the completed copy, the
+        """Server-side copy in parts of exactly the planned version (``version_id``: of that
+        version of the key): the completed copy, the
         error, or None when ``stop`` was set before every part was sent (or
         ``before_complete``, told the ETag the object will have, answered False).
 
@@ -592,6 +742,8 @@ class S3Service:
         copy does.
         """
         source = {"Bucket": src_bucket, "Key": src_key}
+        if version_id is not None:
+            source["VersionId"] = version_id
 
         def copy_part(upload_id: str, part: Part) -> str:
             resp = self.boto.upload_part_copy(
@@ -611,7 +763,12 @@ class S3Service:
             plan_parts(size, part_size),
             size,
             headers=lambda: _carried_headers(
-                self.boto, src_bucket, src_key, if_match, tags=not attrs.replace_tags
+                self.boto,
+                src_bucket,
+                src_key,
+                if_match,
+                tags=not attrs.replace_tags,
+                version_id=version_id,
             ),
             send_part=copy_part,
             if_absent=if_absent,
@@ -692,7 +849,11 @@ class S3Service:
                 self._abort_quietly(dst_bucket, dst_key, upload_id)
             raise
         return MultipartCopy(
-            strip_etag(resp["ETag"]), expected, len(parts), resp.get("ServerSideEncryption")
+            strip_etag(resp["ETag"]),
+            expected,
+            len(parts),
+            resp.get("ServerSideEncryption"),
+            resp.get("VersionId"),
         )
 
     def _send_parts(

@@ -391,6 +391,13 @@ VALUE_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "copy_mode",
         "server needs source and destination on the same endpoint_url",
     ),
+    ("versions-unknown", lambda d: d.update(versions="newest"), "versions", "'latest' or 'all'"),
+    (
+        "delete-versions-not-bool",
+        lambda d: d.update(delete_versions="yes"),
+        "delete_versions",
+        "valid boolean",
+    ),
     ("source-not-mapping", lambda d: d.update(source="legacy"), "source", "valid dictionary"),
     ("source-null", lambda d: d.update(source=None), "source", "valid dictionary"),
     # object attributes
@@ -1004,3 +1011,19 @@ def test_streamed_copies_use_smaller_parts_unless_part_size_is_set(tmp_path: Pat
 
     chosen = load_config(write(tmp_path, mutated(streamed_with_parts)), env={})
     assert chosen.transfer_part_size == 8 * 2**20
+
+
+def test_every_version_needs_server_side_copies(tmp_path: Path) -> None:
+    """A version is copied by S3 from its version id; a streamed copy reads only the current
+    object, so ``versions: all`` with a streaming copy_mode is refused in one line."""
+
+    def all_streamed(d: dict[str, Any]) -> None:
+        d.update(versions="all", copy_mode="stream")
+
+    lines = problems(write(tmp_path, mutated(all_streamed)))
+    assert len(lines) == 1 and "versions: all needs server-side copies" in lines[0]
+    cfg = load_config(write(tmp_path, mutated(lambda d: d.update(versions="all"))), env={})
+    assert cfg.versions == "all" and cfg.lists_versions and not cfg.delete_versions
+    latest = load_config(write(tmp_path, mutated(lambda d: d.update(delete_versions=True))), env={})
+    assert latest.versions == "latest" and latest.lists_versions
+    assert not load_config(write(tmp_path, base()), env={}).lists_versions

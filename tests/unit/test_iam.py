@@ -62,3 +62,34 @@ def test_server_side_copy_with_other_credentials_lets_the_destination_read_the_s
     assert {s["Sid"] for s in dest["Statement"]} >= {"DestinationReadsSource"}
     same = policies(config("server", profile="legacy-account"))
     assert "legacy" not in str(same["destination"])  # one principal: its source policy does
+
+
+def test_versions_get_the_version_actions_and_nothing_more() -> None:
+    """Copying versions by id needs the version reads; deleting by version id needs
+    s3:DeleteObjectVersion (and then not s3:DeleteObject); listing versions needs
+    s3:ListBucketVersions. A job of current versions gets none of them."""
+    bucket = "arn:aws:s3:::legacy"
+    plain = policies(config("server"))
+    assert not {a for s in plain["source"]["Statement"] for a in s["Action"]} & {
+        "s3:GetObjectVersion",
+        "s3:ListBucketVersions",
+        "s3:DeleteObjectVersion",
+    }
+    every = Config.model_validate(
+        {
+            "job": "avatars",
+            "source": {"bucket": "legacy", "prefix": "image/"},
+            "destination": {"bucket": "production", "prefix": "avatar/"},
+            "versions": "all",
+            "delete_versions": True,
+        }
+    )
+    doc = policies(every)
+    assert actions(doc["source"], SOURCE_OBJECTS) == {
+        "s3:GetObject",
+        "s3:GetObjectTagging",
+        "s3:GetObjectVersion",
+        "s3:GetObjectVersionTagging",
+        "s3:DeleteObjectVersion",
+    }
+    assert "s3:ListBucketVersions" in actions(doc["source"], bucket)

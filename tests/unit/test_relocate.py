@@ -79,6 +79,8 @@ def test_a_relocation_config_is_read_only_by_relocate(tmp_path: Path) -> None:
         ({"keys": {"include": ["a/*"]}}, {}, "keys must be left out"),
         ({"storage_class": "GLACIER", "sse": "AES256"}, {}, "storage_class, sse must be left"),
         ({"job": "j" * 95}, {}, "job must be at most 90 characters"),
+        ({"versions": "all"}, {}, "versions and delete_versions must be left out"),
+        ({"delete_versions": True}, {}, "versions and delete_versions must be left out"),
         ({}, {"to_region": "Europe"}, "--to-region 'Europe' is not an AWS region"),
         ({}, {"temp_bucket": "Bad_Name"}, "--temp-bucket 'Bad_Name' is not a valid"),
         ({}, {"temp_bucket": "legacy"}, "--temp-bucket must name another bucket"),
