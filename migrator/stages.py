@@ -364,7 +364,8 @@ def _copy_versions(ctx: ChunkContext, row: ObjectRow, versions: list[VersionRow]
 
     Before each copy the destination's current version is read: a version this job did not
     record (a copy made by a run killed before recording it) with the version's size and
-    ETag is taken as that copy, not made twice; any other unrecorded object there is a
+    ETag — or, where ETags differ by design, its checksum — is taken as that copy, not made
+    twice; any other unrecorded object there is a
     conflict, as for a single copy (``on_conflict``)."""
     if not versions:
         return CopyOutcome(
@@ -384,7 +385,9 @@ def _copy_versions(ctx: ChunkContext, row: ObjectRow, versions: list[VersionRow]
         try:
             found = ctx.dest.head(dst, row.dest_key)
             if found is not None and found.version_id not in ours:
-                if found.size == v.size and found.etag in (v.etag, v.dest_etag):
+                if found.size == v.size and (
+                    found.etag in (v.etag, v.dest_etag) or _same_version(ctx, row, v, found)
+                ):
                     copied: tuple[str, str | None] | CopyOutcome = (found.etag, found.version_id)
                 elif ctx.cfg.on_conflict == "overwrite":
                     copied = _copy_version(ctx, row, v)
@@ -421,6 +424,17 @@ def _copy_versions(ctx: ChunkContext, row: ObjectRow, versions: list[VersionRow]
         ours.add(dest_version)
         last = etag
     return CopyOutcome(row, dest_etag=last)
+
+
+def _same_version(ctx: ChunkContext, row: ObjectRow, v: VersionRow, found: s3.Head) -> bool:
+    """Whether the destination's current object holds the bytes of source version ``v``
+    although their ETags differ (a version uploaded in parts, copied in one request; an
+    encrypted one): by full-object checksums of one algorithm, which S3 keeps on copies.
+    False when the objects cannot tell."""
+    src, dst = ctx.cfg.source.bucket, ctx.cfg.destination.bucket
+    source = ctx.source.head(src, row.source_key, checksum=True, version_id=v.version_id)
+    dest = ctx.dest.head(dst, row.dest_key, checksum=True, version_id=found.version_id)
+    return source is not None and dest is not None and same_content(source, dest) is True
 
 
 def _copy_version(

@@ -51,12 +51,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def s3_client(endpoint: str) -> Any:
+def s3_client(endpoint: str, **config: Any) -> Any:
+    """A boto3 S3 client of the test server; ``config``: more botocore ``Config`` settings."""
     return boto3.client(
         "s3",
         endpoint_url=endpoint,
         region_name="us-east-1",
-        config=BotoConfig(s3={"addressing_style": "path"}, max_pool_connections=32),
+        config=BotoConfig(s3={"addressing_style": "path"}, max_pool_connections=32, **config),
     )
 
 
