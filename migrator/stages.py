@@ -442,8 +442,10 @@ def _copy_version(
 ) -> tuple[str, str | None] | CopyOutcome:
     """One version's copy, verified: its ETag and destination version id, or the outcome
     that ends the row's copy for now. A single copy is verified by its ETag (the version's
-    MD5), else by ``HeadObject`` of the new version: the size listed and the ETag S3
-    answered (a copy in parts, or an encrypted object's ETag)."""
+    MD5). Otherwise (a copy in parts, a version uploaded in parts, an encryption whose ETags
+    are no MD5s) ``HeadObject`` of the new version must show the size listed and the ETag S3
+    answered, and — as for current versions — two MD5 ETags must be equal and two full-object
+    checksums of one algorithm must be equal."""
     src, dst = ctx.cfg.source.bucket, ctx.cfg.destination.bucket
     if v.size <= ctx.cfg.multipart_threshold:
         etag, dest_version = s3.copy_version(
@@ -484,13 +486,22 @@ def _copy_version(
                 f"the ETag of the copied parts ({result.expected_etag})",
             )
         etag, dest_version = result.etag, result.version_id
-    found = ctx.dest.head(dst, row.dest_key, version_id=dest_version) if dest_version else None
+    if dest_version is None:
+        return etag, dest_version  # the caller refuses a destination without versions
+    found = ctx.dest.head(dst, row.dest_key, checksum=True, version_id=dest_version)
+    what = f"verify: version {v.version_id}: destination"
     if found is None or found.size != v.size or found.etag != etag:
         got = "missing" if found is None else f"{found.size} bytes, ETag {found.etag}"
+        return CopyOutcome(row, error=f"{what} is {got}, expected {v.size} bytes, ETag {etag}")
+    source = ctx.source.head(src, row.source_key, checksum=True, version_id=v.version_id)
+    if source is not None and source.md5_etag and found.md5_etag:
+        return CopyOutcome(row, error=f"{what} ETag {etag} differs from the version's {v.etag}")
+    if source is not None and same_content(source, found) is False:
+        assert source.checksum is not None and found.checksum is not None
         return CopyOutcome(
             row,
-            error=f"verify: version {v.version_id}: destination is {got}, expected {v.size} "
-            f"bytes, ETag {etag}",
+            error=f"{what} {found.checksum.algorithm} checksum {found.checksum.value} differs "
+            f"from the version's {source.checksum.value}",
         )
     return etag, dest_version
 

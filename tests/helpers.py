@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import sqlalchemy as sa
 import yaml
 
@@ -43,6 +44,12 @@ class Job:
         dest = self.cfg.key_rule.map(key)
         assert isinstance(dest, str), f"{key!r} is not selected by the job's key rule"
         return dest
+
+
+def kms_key(endpoint: str) -> str:
+    """A new KMS key on the moto server (which serves KMS on the S3 endpoint)."""
+    kms = boto3.client("kms", endpoint_url=endpoint, region_name="us-east-1")
+    return str(kms.create_key()["KeyMetadata"]["KeyId"])
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

@@ -35,7 +35,7 @@ from migrator.storage.multipart import MIB
 from migrator.supervisor import run_job
 from seed.data import SeedObject
 from tests.conftest import REPO, AwsLikeMoto, S3Fast, s3_client
-from tests.helpers import Job, assert_converged, list_etags, make_job, read, run_cli
+from tests.helpers import Job, assert_converged, kms_key, list_etags, make_job, read, run_cli
 
 PART = 5 * MIB
 CONTENT = (
@@ -59,12 +59,6 @@ ALL_USERS = "http://acs.amazonaws.com/groups/global/AllUsers"
 
 def quiet() -> Console:
     return Console(stderr=True, quiet=True)
-
-
-def kms_key(endpoint: str) -> str:
-    """A new KMS key on the moto server (which serves KMS on the S3 endpoint)."""
-    kms = boto3.client("kms", endpoint_url=endpoint, region_name="us-east-1")
-    return str(kms.create_key()["KeyMetadata"]["KeyId"])
 
 
 @dataclass

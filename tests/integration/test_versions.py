@@ -10,6 +10,7 @@ resumed without a version copied twice or skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from migrator.supervisor import run_job
 from seed.__main__ import seed_app_db
 from seed.data import SeedObject
 from tests.conftest import REPO, AwsLikeMoto, s3_client
-from tests.helpers import Job, app_paths, make_job, run_cli
+from tests.helpers import Job, app_paths, kms_key, make_job, run_cli
 
 
 def quiet() -> Console:
@@ -279,6 +280,34 @@ def test_a_killed_runs_copy_of_a_version_made_of_parts_is_known_by_its_checksum(
     # moto gives the copy the parts' CRC32 as if of the whole object: read without checking it
     reader = s3_client(moto_endpoint, response_checksum_validation="when_required")
     assert version_bodies(reader, dst, job.dest_key(key)) == bodies
+
+
+def test_versions_copied_into_sse_kms_are_verified_without_their_etags(
+    tmp_path: Path, moto_s3: Any, moto_endpoint: str, aws_like_moto: AwsLikeMoto
+) -> None:
+    """``sse: aws:kms``: each version's copy gets an ETag that is no MD5 (as on AWS), so it
+    is verified by ``HeadObject`` of the new version (size, the ETag S3 answered, checksums
+    where both carry one) rather than refused; every version arrives encrypted, in order."""
+    job, history = versioned_job(
+        tmp_path,
+        moto_s3,
+        moto_endpoint,
+        sqlite_urls(tmp_path),
+        keys=2,
+        versions="all",
+        sse="aws:kms",
+        kms_key_id=kms_key(moto_endpoint),
+    )
+    assert run_job(job.cfg, console=quiet()) == 0
+    dst = job.cfg.destination.bucket
+    for key, bodies in history.items():
+        dkey = job.dest_key(key)
+        assert version_bodies(moto_s3, dst, dkey) == bodies
+        listed = moto_s3.list_object_versions(Bucket=dst, Prefix=dkey)["Versions"]
+        for v, body in zip(reversed(listed), bodies, strict=True):  # listed newest first
+            head = moto_s3.head_object(Bucket=dst, Key=dkey, VersionId=v["VersionId"])
+            assert head["ServerSideEncryption"] == "aws:kms"
+            assert head["ETag"].strip('"') != hashlib.md5(body).hexdigest()
 
 
 def test_all_refuses_a_foreign_object_at_the_destination(
