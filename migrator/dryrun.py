@@ -103,7 +103,10 @@ def dry_run(cfg: Config, out: Console) -> Preview:
             highlight=False,
         )
     out.print(
-        f"  would copy     {p.copy:,} objects ({p.copy_bytes:,} bytes) to {dst}", highlight=False
+        f"  would copy     {p.copy:,} objects ({p.copy_bytes:,} bytes) to {dst}"
+        + (", each with every version (versions: all)" if cfg.versions == "all" else ""),
+        highlight=False,
+        soft_wrap=True,
     )
     if cfg.app_db is not None:
         out.print(
@@ -113,9 +116,20 @@ def dry_run(cfg: Config, out: Console) -> Preview:
             highlight=False,
         )
     out.print(
-        f"  would delete   {p.delete:,} source objects (delete_source: {cfg.delete_source})",
+        f"  would delete   {p.delete:,} source objects (delete_source: {cfg.delete_source})"
+        + _how_deleted(cfg),
         highlight=False,
+        soft_wrap=True,
     )
     for old, new in p.examples:
         out.print(f"  e.g. copy {old} -> {new}", highlight=False, markup=False, soft_wrap=True)
     return p
+
+
+def _how_deleted(cfg: Config) -> str:
+    """What a delete does in a versioned source (docs/configuration.md#versioned-sources)."""
+    if cfg.delete_source == "never":
+        return ""
+    if cfg.delete_versions:
+        return ", their migrated versions deleted for good (delete_versions)"
+    return "; in a versioned bucket: a delete marker each, the versions kept"

@@ -184,6 +184,12 @@ def test_all_with_delete_versions_leaves_no_version_behind(
     job, history = versioned_job(
         tmp_path, moto_s3, moto_endpoint, db_urls, versions="all", delete_versions=True
     )
+    preview = run_cli("run", "--config", str(job.config_path), "--dry-run")
+    assert preview.returncode == 0, preview.stderr
+    assert "objects (" in preview.stdout and "each with every version (versions: all)" in (
+        preview.stdout
+    )
+    assert "their migrated versions deleted for good (delete_versions)" in preview.stdout
     assert run_job(job.cfg, console=quiet()) == 0
     src, dst = job.cfg.source.bucket, job.cfg.destination.bucket
     for key, bodies in history.items():
