@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ import sqlalchemy as sa
 import yaml
 
 from migrator.config import Config, load_config
+from migrator.ledger.repo import Ledger, open_ledger
 from seed.__main__ import app_rows, create_bucket, seed_app_db, upload
 from seed.data import SeedObject, seed_object
 from tests.conftest import REPO, unique
@@ -44,6 +48,58 @@ class Job:
         dest = self.cfg.key_rule.map(key)
         assert isinstance(dest, str), f"{key!r} is not selected by the job's key rule"
         return dest
+
+
+def ledger_rows(cfg: Config, *, upgrade: bool = True) -> dict[str, dict[str, Any]]:
+    """The job's ledger rows by source key, read through the ledger's own query."""
+    engine = open_ledger(cfg.ledger, upgrade=upgrade)
+    try:
+        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
+    finally:
+        engine.dispose()
+
+
+def start_run(config: Path) -> subprocess.Popen[bytes]:
+    """``migrator run --quiet`` in a process group of its own, so a ``killpg`` reaches the
+    supervisor and its workers at once."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def kill_at_completion(
+    proc: subprocess.Popen[bytes], ops: Callable[[], dict[str, int]], ledger: str
+) -> str | None:
+    """Wait until a row's expected ETag is recorded before its multipart completion *and* a
+    ``CompleteMultipartUpload`` was sent (``ops``: the server's request counts), then
+    ``kill -9`` the run's process group; returns that row's source key (None if the run
+    ended first or a minute passed). Waiting for both keeps a busy machine from letting the
+    kill land in between, when nothing completes."""
+    engine = sa.create_engine(ledger)
+    caught: str | None = None
+    try:
+        deadline = time.monotonic() + 60
+        sent = 0
+        while (caught is None or not sent) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            sent = ops().get("CompleteMultipartUpload", 0)
+            # The ledger may not exist yet, or be busy.
+            with contextlib.suppress(sa.exc.OperationalError), engine.connect() as conn:
+                caught = conn.execute(
+                    sa.text(
+                        "SELECT source_key FROM migrator_objects "
+                        "WHERE state = 'pending' AND dest_etag IS NOT NULL"
+                    )
+                ).scalar()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        engine.dispose()
+    return caught
 
 
 def kms_key(endpoint: str) -> str:

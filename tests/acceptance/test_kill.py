@@ -7,28 +7,23 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, AwsLikeMoto
-from tests.helpers import assert_converged, invariant_violations, list_keys, make_job
+from tests.conftest import AwsLikeMoto
+from tests.helpers import (
+    assert_converged,
+    invariant_violations,
+    list_keys,
+    make_job,
+    start_run,
+)
 
 MIN_KILLS = 3
 MAX_ROUNDS = 10
-
-
-def start_run(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(config)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: we kill supervisor and workers at once
-    )
 
 
 def wait_for_progress(proc: subprocess.Popen[bytes], s3: Any, bucket: str, before: int) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,13 +27,21 @@ import pytest
 from botocore.config import Config as BotoConfig
 from rich.console import Console
 
-from migrator.config import Config
-from migrator.ledger.repo import Ledger, open_ledger
 from migrator.storage.multipart import MIB
 from migrator.supervisor import run_job
 from seed.data import SeedObject
-from tests.conftest import REPO, AwsLikeMoto, S3Fast, s3_client
-from tests.helpers import Job, assert_converged, kms_key, list_etags, make_job, read, run_cli
+from tests.conftest import AwsLikeMoto, S3Fast, s3_client
+from tests.helpers import (
+    Job,
+    assert_converged,
+    kms_key,
+    ledger_rows,
+    list_etags,
+    make_job,
+    read,
+    run_cli,
+    start_run,
+)
 
 PART = 5 * MIB
 CONTENT = (
@@ -141,14 +147,6 @@ def attributes(s3: Any, bucket: str, key: str, *, acl: bool = True) -> dict[str,
         "public": any(g["Grantee"].get("URI") == ALL_USERS for g in grants),
         "ETag": head["ETag"].strip('"'),
     }
-
-
-def ledger_rows(cfg: Config) -> dict[str, dict[str, Any]]:
-    engine = open_ledger(cfg.ledger)
-    try:
-        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
-    finally:
-        engine.dispose()
 
 
 def assert_recorded_as_listed(job: Job) -> None:
@@ -322,16 +320,6 @@ def test_attributes_cost_no_request(tmp_path: Path, s3fast: Callable[..., S3Fast
         assert read(s3, job.cfg.destination.bucket, job.dest_key(source.obj.key)) == source.obj.body
 
 
-def start_run(job: Job) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(job.config_path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: supervisor and workers get the signal
-    )
-
-
 def test_kill_between_sse_kms_copies_and_their_record_converges(
     tmp_path: Path, moto_s3: Any, moto_endpoint: str, aws_like_moto: AwsLikeMoto
 ) -> None:
@@ -364,7 +352,7 @@ def test_kill_between_sse_kms_copies_and_their_record_converges(
         ServerSideEncryption="aws:kms",
     )
     aws_like_moto.copy_delay = 2.0
-    proc = start_run(job)
+    proc = start_run(job.config_path)
     try:
         deadline = time.monotonic() + 60
         while aws_like_moto.copies_received < 5 and time.monotonic() < deadline:

@@ -8,14 +8,11 @@ faults per operation; the first test also runs on moto.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,17 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from rich.console import Console
 
 from migrator.config import Config
-from migrator.ledger.repo import Ledger, open_ledger
 from migrator.storage.multipart import MIB
 from migrator.supervisor import preflight, run_job, run_plan
 from seed.__main__ import seed_app_db
 from seed.data import SeedObject
-from tests.conftest import REPO, S3Fast, s3_client
-from tests.helpers import Job, assert_converged, make_job, read, run_cli
+from tests.conftest import S3Fast, s3_client
+from tests.helpers import (
+    Job,
+    assert_converged,
+    kill_at_completion,
+    ledger_rows,
+    make_job,
+    read,
+    run_cli,
+    start_run,
+)
 
 PART = 5 * MIB
 LARGE_SIZES = (6 * MIB, 11 * MIB + 3, 17 * MIB)  # 2, 3 and 4 parts
@@ -95,16 +99,6 @@ def multipart_job(tmp_path: Path, s3: Any, endpoint: str, **settings: Any) -> Jo
     return job
 
 
-def start_run(job: Job) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(job.config_path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: supervisor and workers get the signal
-    )
-
-
 def large(job: Job) -> list[SeedObject]:
     return [o for o in job.objects if len(o.body) > PART]
 
@@ -115,14 +109,6 @@ def plan(cfg: Config) -> None:
         run_plan(cfg, res, quiet())
     finally:
         res.close()
-
-
-def ledger_rows(cfg: Config) -> dict[str, dict[str, Any]]:
-    engine = open_ledger(cfg.ledger)
-    try:
-        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
-    finally:
-        engine.dispose()
 
 
 def incomplete_uploads(s3: Any, bucket: str) -> list[str]:
@@ -292,29 +278,8 @@ def test_kill_after_completion_before_the_ledger_record_converges(
     server = s3fast("-latency", "2s", "-fault-ops", "CompleteMultipartUpload")
     # One worker: one completion in flight at a time, so the one sent is the caught row's.
     job = multipart_job(tmp_path, s3_client(server.endpoint), server.endpoint, workers=1)
-    engine = sa.create_engine(job.cfg.ledger)
-    proc = start_run(job)
-    caught: str | None = None
-    try:
-        deadline = time.monotonic() + 60
-        sent = 0
-        # The ETag is recorded just before the completion is sent: wait for both, or a busy
-        # machine may let the kill land in between (then nothing completes).
-        while (caught is None or not sent) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            sent = server.stats()["ops"].get("CompleteMultipartUpload", 0)
-            # The ledger may not exist yet, or be busy.
-            with contextlib.suppress(sa.exc.OperationalError), engine.connect() as conn:
-                caught = conn.execute(
-                    sa.text(
-                        "SELECT source_key FROM migrator_objects "
-                        "WHERE state = 'pending' AND dest_etag IS NOT NULL"
-                    )
-                ).scalar()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        engine.dispose()
+    proc = start_run(job.config_path)
+    caught = kill_at_completion(proc, lambda: server.stats()["ops"], job.cfg.ledger)
     assert caught is not None, "no multipart copy reached its completion"
     time.sleep(2.5)  # the server finishes the completion it was sent
     row = ledger_rows(job.cfg)[caught]
@@ -339,7 +304,7 @@ def test_ctrl_c_mid_upload_leaves_unsent_parts_unsent_and_no_upload(
         tmp_path, s3_client(server.endpoint), server.endpoint, workers=1, concurrency=1
     )
     all_parts = sum(parts(len(o.body)) for o in large(job))
-    proc = start_run(job)
+    proc = start_run(job.config_path)
     deadline = time.monotonic() + 60
     while server.stats()["ops"].get("UploadPartCopy", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -35,7 +35,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from migrator.config import Config
-from migrator.ledger.repo import Ledger, make_engine, open_ledger
+from migrator.ledger.repo import Ledger, make_engine
 from migrator.ledger.tables import objects
 from migrator.supervisor import run_job
 from tests.conftest import REPO, S3Fast, s3_client
@@ -45,6 +45,7 @@ from tests.helpers import (
     assert_converged,
     deny_deletes,
     invariant_violations,
+    ledger_rows,
     list_keys,
     make_job,
     run_cli,
@@ -54,14 +55,6 @@ from tests.helpers import (
 
 def quiet() -> Console:
     return Console(stderr=True, quiet=True)
-
-
-def ledger_rows(cfg: Config) -> dict[str, dict[str, Any]]:
-    engine = open_ledger(cfg.ledger, upgrade=False)
-    try:
-        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
-    finally:
-        engine.dispose()
 
 
 def db_url(kind: str, tmp_path: Path, name: str, request: pytest.FixtureRequest) -> str:
@@ -344,7 +337,7 @@ def test_fault_matrix(
     # The job's own requests: the monitor's listings (every attempt) are not the job's.
     job_requests = stats["requests"] - monitor.requests
     other = job_requests - copies - deletes
-    rows = ledger_rows(job.cfg)
+    rows = ledger_rows(job.cfg, upgrade=False)
     attempts = sum(r["attempts"] for r in rows.values())
     MEASURED.append(Measured(case.id, n, copies, deletes, other, injected, wall, attempts))
 
@@ -510,7 +503,7 @@ def test_two_supervisors_on_one_postgres_ledger_copy_each_object_once(
     assert monitor.polls >= 2 and monitor.violations == []
     assert invariant_violations(job) == []
     assert_converged(job)
-    assert {r["state"] for r in ledger_rows(job.cfg).values()} == {"done"}
+    assert {r["state"] for r in ledger_rows(job.cfg, upgrade=False).values()} == {"done"}
 
 
 class LedgerWatch(threading.Thread):
@@ -582,7 +575,7 @@ def test_delete_objects_per_key_errors_are_not_done_and_a_rerun_finishes_them(
         watch.finish()
 
     assert code == 1  # finished with failed rows
-    rows = ledger_rows(job.cfg)
+    rows = ledger_rows(job.cfg, upgrade=False)
     for key in denied:
         assert rows[key]["state"] == "failed"
         assert rows[key]["failed_stage"] == "delete"
@@ -624,7 +617,7 @@ def test_delete_objects_per_key_errors_are_not_done_and_a_rerun_finishes_them(
     rerun = run_cli("run", "--quiet", "--config", str(job.config_path))
     assert rerun.returncode == 0, rerun.stderr
     assert_converged(job)
-    assert {r["state"] for r in ledger_rows(job.cfg).values()} == {"done"}
+    assert {r["state"] for r in ledger_rows(job.cfg, upgrade=False).values()} == {"done"}
 
 
 def test_botocore_retries_are_counted_in_status(

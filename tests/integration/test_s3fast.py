@@ -17,7 +17,6 @@ import sqlalchemy as sa
 from rich.console import Console
 
 from migrator.config import Config
-from migrator.ledger.repo import Ledger, open_ledger
 from migrator.supervisor import preflight, run_job, run_plan
 from tests.conftest import S3Fast, s3_client
 from tests.helpers import (
@@ -25,6 +24,7 @@ from tests.helpers import (
     app_paths,
     assert_converged,
     expected_untouched,
+    ledger_rows,
     list_keys,
     make_job,
     read,
@@ -43,14 +43,6 @@ def plan(cfg: Config) -> None:
         run_plan(cfg, res, quiet())
     finally:
         res.close()
-
-
-def ledger_rows(cfg: Config) -> dict[str, dict[str, Any]]:
-    engine = open_ledger(cfg.ledger)
-    try:
-        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
-    finally:
-        engine.dispose()
 
 
 def s3fast_job(

@@ -10,7 +10,6 @@ moto servers that enforce IAM: tests/acceptance/test_two_accounts.py.)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from rich.console import Console
 
 from migrator.config import Config, Location
-from migrator.ledger.repo import Ledger, open_ledger
 from migrator.storage import s3
 from migrator.storage.common import ErrorKind, S3OperationError
 from migrator.storage.multipart import MIB
@@ -41,7 +38,17 @@ from migrator.supervisor import preflight, run_job, run_plan
 from seed.__main__ import seed_app_db
 from seed.data import SeedObject, seed_object
 from tests.conftest import REPO, S3Fast, s3_client, unique
-from tests.helpers import Job, assert_converged, make_job, read, run_cli, write_config
+from tests.helpers import (
+    Job,
+    assert_converged,
+    kill_at_completion,
+    ledger_rows,
+    make_job,
+    read,
+    run_cli,
+    start_run,
+    write_config,
+)
 
 pytestmark = pytest.mark.s3fast
 
@@ -141,14 +148,6 @@ def small(job: Job) -> list[SeedObject]:
     return [o for o in job.objects if len(o.body) <= PART]
 
 
-def ledger_rows(cfg: Config) -> dict[str, dict[str, Any]]:
-    engine = open_ledger(cfg.ledger)
-    try:
-        return {r["source_key"]: r for batch in Ledger(engine, cfg.job).iter_rows() for r in batch}
-    finally:
-        engine.dispose()
-
-
 def plan(cfg: Config) -> None:
     res = preflight(cfg)
     try:
@@ -177,16 +176,6 @@ def assert_carried(job: Job) -> None:
         else:
             assert etag == hashlib.md5(obj.body).hexdigest()
         assert rows[obj.key]["dest_etag"] == etag and rows[obj.key]["state"] == "done"
-
-
-def start_run(job: Job) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--quiet", "--config", str(job.config_path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
 
 
 def test_stream_between_two_servers(tmp_path: Path, s3fast: Callable[..., S3Fast]) -> None:
@@ -445,7 +434,7 @@ def test_kill_during_a_streamed_upload_then_run_again_converges(
         workers=1,
         concurrency=1,
     )
-    proc = start_run(job)
+    proc = start_run(job.config_path)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
@@ -479,26 +468,8 @@ def test_kill_after_completion_before_the_record_converges(
         dst_flags=("-latency", "2s", "-fault-ops", "CompleteMultipartUpload"),
         workers=1,
     )
-    engine = sa.create_engine(job.cfg.ledger)
-    proc = start_run(job)
-    caught: str | None = None
-    try:
-        deadline = time.monotonic() + 60
-        sent = 0
-        while (caught is None or not sent) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-            sent = pair.dst.stats()["ops"].get("CompleteMultipartUpload", 0)
-            with contextlib.suppress(sa.exc.OperationalError), engine.connect() as conn:
-                caught = conn.execute(
-                    sa.text(
-                        "SELECT source_key FROM migrator_objects "
-                        "WHERE state = 'pending' AND dest_etag IS NOT NULL"
-                    )
-                ).scalar()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        engine.dispose()
+    proc = start_run(job.config_path)
+    caught = kill_at_completion(proc, lambda: pair.dst.stats()["ops"], job.cfg.ledger)
     assert caught is not None, "no streamed upload reached its completion"
     time.sleep(2.5)  # the server finishes the completion it was sent
     row = ledger_rows(job.cfg)[caught]

@@ -27,7 +27,7 @@ from migrator.supervisor import run_job
 from seed.__main__ import seed_app_db
 from seed.data import SeedObject
 from tests.conftest import REPO, AwsLikeMoto, s3_client
-from tests.helpers import Job, app_paths, kms_key, make_job, run_cli
+from tests.helpers import Job, app_paths, kms_key, make_job, run_cli, start_run
 
 
 def quiet() -> Console:
@@ -407,13 +407,7 @@ def test_kill_9_during_a_versions_copy_resumes_without_duplicates(
         chunk_size=4,
         concurrency=2,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "run", "--config", str(job.config_path), "--quiet"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_run(job.config_path)
     engine = sa.create_engine(urls["ledger"])
     copied = 0
     deadline = time.monotonic() + 60
